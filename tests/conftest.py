@@ -1,0 +1,77 @@
+"""Shared fixtures: reference models from ``keras.applications`` and weight files saved from them.
+
+No test reaches the network: weight files are made here, in both layouts
+Keras writes, from seeded reference models whose biases are made non-zero so
+that a bias lost or swapped shows in the outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def reference_model(depth: int, include_top: bool, image_size: int = 224, seed: int = 1):
+    """``keras.applications.VGG16``/``VGG19`` with seeded kernels and non-zero biases."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    build = {16: keras.applications.VGG16, 19: keras.applications.VGG19}[depth]
+    model = build(weights=None, include_top=include_top, input_shape=(image_size, image_size, 3))
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if layer.get_weights():
+            kernel, bias = layer.get_weights()
+            layer.set_weights([kernel, rng.uniform(-0.1, 0.1, bias.shape).astype(bias.dtype)])
+    return model
+
+
+def save_legacy(model, path: Path) -> Path:
+    """Save weights in the legacy ``.h5`` layout Keras publishes, with Keras's own writer."""
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with h5py.File(path, "w") as file:
+        legacy_h5_format.save_weights_to_hdf5_group(file, model)
+    return path
+
+
+def save_keras3(model, path: Path) -> Path:
+    """Save weights in the Keras 3 ``.weights.h5`` layout."""
+    model.save_weights(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def weight_files(tmp_path_factory):
+    """Builds and caches weight files by (depth, include_top, layout)."""
+    folder = tmp_path_factory.mktemp("weights")
+    made: dict[tuple[int, bool, str], Path] = {}
+
+    def get(depth: int, include_top: bool = False, layout: str = "legacy") -> Path:
+        key = (depth, include_top, layout)
+        if key not in made:
+            # Conv weights do not depend on the input size; 32 keeps the reference cheap.
+            model = reference_model(depth, include_top, 224 if include_top else 32)
+            top = "top" if include_top else "notop"
+            if layout == "legacy":
+                made[key] = save_legacy(model, folder / f"vgg{depth}_{top}.h5")
+            else:
+                made[key] = save_keras3(model, folder / f"vgg{depth}_{top}.weights.h5")
+        return made[key]
+
+    return get
+
+
+@pytest.fixture
+def keras_home(tmp_path, monkeypatch):
+    """An empty Keras cache, and no way to the network for the published files."""
+    home = tmp_path / "keras-home"
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    monkeypatch.setattr("vggfeat.weights._RELEASES", (tmp_path / "no-such-server").as_uri())
+    return home

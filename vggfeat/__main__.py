@@ -1,0 +1,3 @@
+from vggfeat.cli import cli
+
+cli(prog_name="vggfeat")

@@ -1,0 +1,256 @@
+"""The VGG family as data.
+
+One table of convolutions per block (configurations A, B, D and E of
+Simonyan & Zisserman, 2015) yields every network: its layers with their Keras
+names and paper/Caffe aliases, the catalogue of shapes, parameters and
+multiply-adds at an input size, the valid cut points, and the Keras model.
+
+The Keras names (``block1_conv1`` ... ``block5_pool``, ``flatten``, ``fc1``,
+``fc2``, ``predictions``) are those of ``keras.applications.VGG16``/``VGG19``:
+the published weight files are laid out by them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Literal
+
+from vggfeat.errors import ImageSizeError, UnknownLayerError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    import keras
+
+#: Convolutions in each of the five blocks, by network depth.
+BLOCK_DEPTHS: dict[int, tuple[int, ...]] = {
+    11: (1, 1, 2, 2, 2),
+    13: (2, 2, 2, 2, 2),
+    16: (2, 2, 3, 3, 3),
+    19: (2, 2, 4, 4, 4),
+}
+DEPTHS = tuple(BLOCK_DEPTHS)
+BLOCK_WIDTHS = (64, 128, 256, 512, 512)
+FC_WIDTH = 4096
+CLASSES = 1000
+
+#: The fully connected layers were trained on the 7x7x512 map of a 224x224 input.
+TOP_IMAGE_SIZE = 224
+#: The smallest input that leaves pool5 a 1x1 map (Keras's own minimum).
+MIN_IMAGE_SIZE = 32
+
+POOLINGS = ("none", "avg", "max")
+
+LayerKind = Literal["conv", "pool", "flatten", "dense"]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of a VGG network, as the table defines it."""
+
+    name: str
+    """Keras name, e.g. ``block5_conv3`` or ``fc2``."""
+    alias: str
+    """Paper/Caffe name, e.g. ``conv5_3`` or ``fc7``."""
+    kind: LayerKind
+    width: int
+    """Output channels (conv, pool) or units (dense); 0 for flatten."""
+    activation: str | None = None
+
+    @property
+    def is_top(self) -> bool:
+        """Whether the layer belongs to the classifier, which needs 224x224 input."""
+        return self.kind in ("flatten", "dense")
+
+    @property
+    def has_weights(self) -> bool:
+        return self.kind in ("conv", "dense")
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """A layer's shape and cost at one input size."""
+
+    layer: Layer
+    output_shape: tuple[int, ...]
+    """Per image, without the batch axis: (H, W, C) or (units,)."""
+    params: int
+    macs: int
+    """Multiply-adds per image."""
+
+    def feature_size(self, pool: str) -> int:
+        """Values stored per image for this layer under a pooling mode."""
+        if self.layer.kind in ("conv", "pool") and pool != "none":
+            return self.output_shape[-1]
+        return math.prod(self.output_shape)
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """Every layer of one network at one input size, with totals."""
+
+    depth: int
+    image_size: int
+    layers: tuple[LayerFacts, ...]
+
+    @property
+    def params(self) -> int:
+        return sum(facts.params for facts in self.layers)
+
+    @property
+    def macs(self) -> int:
+        return sum(facts.macs for facts in self.layers)
+
+    def facts(self, layer: Layer) -> LayerFacts:
+        for facts in self.layers:
+            if facts.layer == layer:
+                return facts
+        raise ImageSizeError(
+            f"{layer.alias} ({layer.name}) needs {TOP_IMAGE_SIZE}x{TOP_IMAGE_SIZE} input, "
+            f"not {self.image_size}x{self.image_size}"
+        )
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One member of the VGG family: its layers in order, input to predictions."""
+
+    depth: int
+    layers: tuple[Layer, ...]
+
+    @property
+    def name(self) -> str:
+        return f"VGG{self.depth}"
+
+    @property
+    def conv_count(self) -> int:
+        return sum(1 for layer in self.layers if layer.kind == "conv")
+
+    @property
+    def cut_points(self) -> tuple[str, ...]:
+        """Every name ``layer()`` accepts: aliases first, then the Keras names."""
+        aliases = [layer.alias for layer in self.layers]
+        names = [layer.name for layer in self.layers if layer.name not in aliases]
+        return tuple(aliases + names)
+
+    def layer(self, name: str) -> Layer:
+        """The layer called ``name``, by Keras name or alias, in any case."""
+        wanted = name.strip().lower()
+        for layer in self.layers:
+            if wanted in (layer.name, layer.alias):
+                return layer
+        raise UnknownLayerError(
+            f"{self.name} has no layer {name!r}; choose one of: {', '.join(self.cut_points)}"
+        )
+
+    def check_image_size(self, layers: Iterable[Layer], image_size: int) -> None:
+        """Raise ``ImageSizeError`` unless every layer can take ``image_size`` input."""
+        if image_size < MIN_IMAGE_SIZE:
+            raise ImageSizeError(
+                f"--image-size {image_size} is too small: {self.name} needs at least "
+                f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} so that pool5 keeps one pixel"
+            )
+        top = [layer.alias for layer in layers if layer.is_top]
+        if top and image_size != TOP_IMAGE_SIZE:
+            raise ImageSizeError(
+                f"{', '.join(top)} need {TOP_IMAGE_SIZE}x{TOP_IMAGE_SIZE} input, as the fully "
+                f"connected layers were trained on pool5's 7x7x512 map; use --image-size "
+                f"{TOP_IMAGE_SIZE}, or a convolutional cut such as pool5 at {image_size}"
+            )
+
+    def catalogue(self, image_size: int = TOP_IMAGE_SIZE) -> Catalogue:
+        """Shapes and costs of every layer available at ``image_size``.
+
+        The classifier layers (flatten, fc6, fc7, fc8) are included only at 224.
+        """
+        self.check_image_size([], image_size)
+        facts = []
+        shape: tuple[int, ...] = (image_size, image_size, 3)
+        for layer in self.layers:
+            if layer.is_top and image_size != TOP_IMAGE_SIZE:
+                break
+            params, macs, shape = _layer_cost(layer, shape)
+            facts.append(LayerFacts(layer, shape, params, macs))
+        return Catalogue(self.depth, image_size, tuple(facts))
+
+    def build(self, image_size: int, up_to: Layer, seed: int = 0) -> keras.Model:
+        """The Keras model from the input through ``up_to``, weights drawn under ``seed``.
+
+        Each layer's initialisers get their own seed derived from ``seed`` and
+        the layer's position, so a layer's random weights do not depend on
+        where the network is cut.
+        """
+        import keras
+
+        self.check_image_size([up_to], image_size)
+        inputs = keras.Input(shape=(image_size, image_size, 3), name="input_layer")
+        x = inputs
+        for index, layer in enumerate(self.layers):
+            x = _keras_layer(keras, layer, seed * 1000 + index)(x)
+            if layer == up_to:
+                break
+        return keras.Model(inputs, x, name=f"vgg{self.depth}")
+
+
+@cache
+def vgg(depth: int) -> Architecture:
+    """The architecture of VGG11, 13, 16 or 19."""
+    if depth not in BLOCK_DEPTHS:
+        raise UnknownLayerError(
+            f"there is no VGG{depth}; --depth takes {', '.join(map(str, DEPTHS))}"
+        )
+    layers: list[Layer] = []
+    blocks = zip(BLOCK_DEPTHS[depth], BLOCK_WIDTHS, strict=True)
+    for block, (convs, width) in enumerate(blocks, start=1):
+        for index in range(1, convs + 1):
+            layers.append(
+                Layer(f"block{block}_conv{index}", f"conv{block}_{index}", "conv", width, "relu")
+            )
+        layers.append(Layer(f"block{block}_pool", f"pool{block}", "pool", width))
+    layers += [
+        Layer("flatten", "flatten", "flatten", 0),
+        Layer("fc1", "fc6", "dense", FC_WIDTH, "relu"),
+        Layer("fc2", "fc7", "dense", FC_WIDTH, "relu"),
+        Layer("predictions", "fc8", "dense", CLASSES, "softmax"),
+    ]
+    return Architecture(depth, tuple(layers))
+
+
+def _layer_cost(layer: Layer, shape: tuple[int, ...]) -> tuple[int, int, tuple[int, ...]]:
+    """(parameters, multiply-adds, output shape) of ``layer`` on an input of ``shape``."""
+    if layer.kind == "conv":
+        height, width, channels = shape
+        weights = 3 * 3 * channels * layer.width
+        return weights + layer.width, height * width * weights, (height, width, layer.width)
+    if layer.kind == "pool":
+        height, width, channels = shape
+        return 0, 0, (height // 2, width // 2, channels)
+    if layer.kind == "flatten":
+        return 0, 0, (math.prod(shape),)
+    (inputs,) = shape
+    return inputs * layer.width + layer.width, inputs * layer.width, (layer.width,)
+
+
+def _keras_layer(keras, layer: Layer, seed: int) -> keras.Layer:
+    if layer.kind == "pool":
+        return keras.layers.MaxPooling2D((2, 2), strides=(2, 2), name=layer.name)
+    if layer.kind == "flatten":
+        return keras.layers.Flatten(name=layer.name)
+    initialisers = {
+        "kernel_initializer": keras.initializers.GlorotUniform(seed=seed),
+        "bias_initializer": "zeros",
+    }
+    if layer.kind == "conv":
+        return keras.layers.Conv2D(
+            layer.width,
+            (3, 3),
+            padding="same",
+            activation=layer.activation,
+            name=layer.name,
+            **initialisers,
+        )
+    return keras.layers.Dense(
+        layer.width, activation=layer.activation, name=layer.name, **initialisers
+    )
