@@ -1,0 +1,292 @@
+"""Where the network's numbers come from, and the proof that every layer got its own.
+
+Three sources: ``imagenet`` (the files Keras publishes, fetched once into
+Keras's cache with Keras's own ``get_file`` and the published hashes),
+``random`` (Keras's initialisers under a seed) and a path to a weights file in
+the legacy Keras ``.h5`` layout or the Keras 3 ``.weights.h5`` layout.
+
+A file is read here, not through Keras's load-by-name, which skips layers it
+cannot match without a word: every layer of the cut model must find its
+arrays, in order, with the right shapes, or loading fails naming the layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from vggfeat.architecture import BLOCK_DEPTHS, Architecture, Layer
+from vggfeat.errors import WeightsMismatchError, WeightsUnavailableError
+
+if TYPE_CHECKING:
+    import keras
+
+WeightsKind = Literal["imagenet", "random", "file"]
+
+_RELEASES = "https://storage.googleapis.com/tensorflow/keras-applications"
+
+
+@dataclass(frozen=True)
+class PublishedFile:
+    """One ImageNet weight file that Keras publishes (legacy ``.h5`` layout)."""
+
+    depth: int
+    include_top: bool
+    md5: str
+    """The hash Keras's ``get_file`` checks, as ``keras.applications`` gives it."""
+    approx_mb: int
+
+    @property
+    def fname(self) -> str:
+        suffix = "" if self.include_top else "_notop"
+        return f"vgg{self.depth}_weights_tf_dim_ordering_tf_kernels{suffix}.h5"
+
+    @property
+    def url(self) -> str:
+        return f"{_RELEASES}/vgg{self.depth}/{self.fname}"
+
+    def cached_path(self) -> Path:
+        return keras_cache_dir() / "models" / self.fname
+
+
+PUBLISHED: dict[tuple[int, bool], PublishedFile] = {
+    (f.depth, f.include_top): f
+    for f in (
+        PublishedFile(16, True, "64373286793e3c8b2b4e3219cbf3544b", 528),
+        PublishedFile(16, False, "6d6bbae143d832006294945121d1f1fc", 58),
+        PublishedFile(19, True, "cbe5617147190e668d6c5d5026f83318", 549),
+        PublishedFile(19, False, "253f8cb515780f3b799900260a226db6", 80),
+    )
+}
+
+
+@dataclass(frozen=True)
+class WeightsRecord:
+    """What was loaded, for the output file's attributes."""
+
+    kind: WeightsKind
+    file: str
+    """The file's name ('' for random weights)."""
+    sha256: str
+    """SHA-256 of the file ('' for random weights)."""
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class StoredLayer:
+    """One layer's arrays as a weights file holds them."""
+
+    label: str
+    """Where it is in the file, e.g. ``block1_conv1`` or ``layers/conv2d_3``."""
+    name: str | None
+    """The Keras layer name, where the layout records one."""
+    arrays: tuple[np.ndarray, ...]
+
+    @property
+    def kind(self) -> str:
+        return "conv" if self.arrays and self.arrays[0].ndim == 4 else "dense"
+
+
+def keras_cache_dir() -> Path:
+    """Keras's cache folder: ``$KERAS_HOME``, else ``~/.keras`` (``/tmp/.keras`` if ~ is read-only).
+
+    Read at each call, unlike Keras's own setting, which is fixed at import.
+    """
+    if "KERAS_HOME" in os.environ:
+        return Path(os.environ["KERAS_HOME"])
+    home = Path("~").expanduser()
+    return (home if os.access(home, os.W_OK) else Path("/tmp")) / ".keras"
+
+
+def published_file(architecture: Architecture, include_top: bool) -> PublishedFile:
+    """The ImageNet file for a network, the no-top one when no classifier layer is needed."""
+    try:
+        return PUBLISHED[architecture.depth, include_top]
+    except KeyError:
+        raise WeightsUnavailableError(
+            f"Keras publishes no ImageNet weights for {architecture.name} (only VGG16 and "
+            "VGG19); use --weights PATH with a file of your own, or --weights random"
+        ) from None
+
+
+def apply_weights(
+    model: keras.Model, architecture: Architecture, weights: str | os.PathLike, seed: int = 0
+) -> WeightsRecord:
+    """Give ``model`` (built by ``architecture``) its weights and say where they came from.
+
+    ``weights`` is ``"imagenet"``, ``"random"`` (the model keeps the weights it
+    was built with under ``seed``) or a path to a weights file.
+    """
+    if weights == "random":
+        return WeightsRecord("random", "", "", seed)
+    layers = _weighted_layers(model, architecture)
+    if weights == "imagenet":
+        path = fetch_imagenet(published_file(architecture, any(layer.is_top for layer in layers)))
+        kind: WeightsKind = "imagenet"
+    else:
+        path = Path(weights)
+        kind = "file"
+    _assign(model, layers, read_weights_file(path), architecture, path)
+    return WeightsRecord(kind, path.name, file_sha256(path))
+
+
+def fetch_imagenet(published: PublishedFile) -> Path:
+    """The path of a published file in Keras's cache, downloading it there if missing."""
+    import keras
+
+    cache = keras_cache_dir()
+    try:
+        return Path(
+            keras.utils.get_file(
+                published.fname,
+                origin=published.url,
+                file_hash=published.md5,
+                cache_subdir="models",
+                cache_dir=str(cache),
+            )
+        )
+    except Exception as error:
+        raise WeightsUnavailableError(
+            f"ImageNet weights {published.fname} (about {published.approx_mb} MB) are not in "
+            f"{cache / 'models'} and could not be downloaded ({error}); copy the file there "
+            "from a machine with network access, or use --weights PATH or --weights random"
+        ) from error
+
+
+def read_weights_file(path: Path) -> list[StoredLayer]:
+    """The weighted layers of a Keras weights file, in network order.
+
+    Reads the legacy ``.h5`` layout (root attribute ``layer_names``, also
+    inside a whole-model file's ``model_weights`` group) and the Keras 3
+    ``.weights.h5`` layout (``layers/conv2d_N/vars/K``, numbered by order).
+    """
+    import h5py
+
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"weights file {path} does not exist; --weights takes imagenet, random or a path"
+        )
+    try:
+        with h5py.File(path, "r") as file:
+            root = file.get("model_weights", file)
+            if "layer_names" in root.attrs:
+                return _read_legacy(root)
+            if isinstance(root.get("layers"), h5py.Group):
+                return _read_keras3(root["layers"], path)
+    except OSError as error:
+        raise WeightsMismatchError(f"weights file {path} is not an HDF5 file: {error}") from error
+    except (KeyError, ValueError) as error:
+        raise WeightsMismatchError(
+            f"weights file {path} is damaged or incomplete: {error}"
+        ) from error
+    raise WeightsMismatchError(
+        f"weights file {path} is in neither Keras weights layout (legacy .h5 or Keras 3 "
+        ".weights.h5); save it with model.save_weights()"
+    )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf8") if isinstance(value, bytes) else str(value)
+
+
+def _read_legacy(root) -> list[StoredLayer]:
+    stored = []
+    for raw_name in root.attrs["layer_names"]:
+        name = _text(raw_name)
+        group = root[name]
+        weight_names = [_text(w) for w in group.attrs.get("weight_names", [])]
+        if weight_names:
+            arrays = tuple(np.asarray(group[w]) for w in weight_names)
+            stored.append(StoredLayer(name, name, arrays))
+    return stored
+
+
+_KERAS3_ENTRY = re.compile(r"(conv2d|dense)(?:_(\d+))?")
+
+
+def _read_keras3(layers, path: Path) -> list[StoredLayer]:
+    entries: dict[str, list[tuple[int, str]]] = {"conv2d": [], "dense": []}
+    for key, group in layers.items():
+        match = _KERAS3_ENTRY.fullmatch(key)
+        if match:
+            entries[match[1]].append((int(match[2] or 0), key))
+        elif "vars" in group and len(group["vars"]):
+            raise WeightsMismatchError(
+                f"weights file {path} holds a {key} layer with weights, which VGG has not"
+            )
+    stored = []
+    for _, key in sorted(entries["conv2d"]) + sorted(entries["dense"]):
+        variables = layers[key].get("vars", {})
+        arrays = tuple(np.asarray(variables[k]) for k in sorted(variables, key=int))
+        stored.append(StoredLayer(f"layers/{key}", None, arrays))
+    return stored
+
+
+def _weighted_layers(model: keras.Model, architecture: Architecture) -> list[Layer]:
+    names = {layer.name for layer in model.layers}
+    return [layer for layer in architecture.layers if layer.has_weights and layer.name in names]
+
+
+def _shapes(arrays) -> str:
+    return ", ".join(str(tuple(np.shape(a))) for a in arrays)
+
+
+def _assign(
+    model: keras.Model,
+    layers: list[Layer],
+    stored: list[StoredLayer],
+    architecture: Architecture,
+    path: Path,
+) -> None:
+    """Give each weighted layer the file's next layer of its kind, or fail naming it."""
+    by_kind = {kind: [s for s in stored if s.kind == kind] for kind in ("conv", "dense")}
+    file_convs = len(by_kind["conv"])
+    file_depth = next((d for d, b in BLOCK_DEPTHS.items() if sum(b) == file_convs), None)
+    for_depth = f"; the file holds {file_convs} conv layers, " + (
+        f"as VGG{file_depth} does (--depth {file_depth})" if file_depth else "as no VGG does"
+    )
+    position = {"conv": 0, "dense": 0}
+    for layer in layers:
+        kind = "conv" if layer.kind == "conv" else "dense"
+        queue = by_kind[kind]
+        keras_layer = model.get_layer(layer.name)
+        expected = keras_layer.get_weights()
+        if position[kind] >= len(queue):
+            hint = "; a no-top file serves cuts up to pool5 only" if kind == "dense" else for_depth
+            raise WeightsMismatchError(
+                f"weights file {path} has no weights for {layer.name} ({layer.alias}){hint}"
+            )
+        candidate = queue[position[kind]]
+        position[kind] += 1
+        shapes_fit = len(candidate.arrays) == len(expected) and all(
+            a.shape == e.shape for a, e in zip(candidate.arrays, expected, strict=True)
+        )
+        if not shapes_fit or candidate.name not in (None, layer.name):
+            raise WeightsMismatchError(
+                f"weights file {path} does not fit {architecture.name} at {layer.name} "
+                f"({layer.alias}): the network expects {_shapes(expected)}, the file's "
+                f"{candidate.label} has {_shapes(candidate.arrays)}"
+                + (for_depth if file_depth != architecture.depth else "")
+            )
+        keras_layer.set_weights(list(candidate.arrays))
+    if file_convs != architecture.conv_count:
+        raise WeightsMismatchError(f"weights file {path} is not for {architecture.name}{for_depth}")
+
+
+def published_files(architecture: Architecture) -> list[PublishedFile]:
+    """The ImageNet files Keras publishes for a network: none for VGG11 and VGG13."""
+    return [f for f in PUBLISHED.values() if f.depth == architecture.depth]
