@@ -1,0 +1,113 @@
+"""The ``vggfeat`` command through Click's runner, and its start-up cost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib.metadata import version
+
+from click.testing import CliRunner
+
+from vggfeat.architecture import POOLINGS, vgg
+from vggfeat.cli import cli
+from vggfeat.weights import PUBLISHED
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_info_table_lists_every_layer_and_the_totals(keras_home):
+    result = invoke("info")
+    assert result.exit_code == 0, result.output
+    for layer in vgg(16).layers:
+        assert layer.name in result.output and layer.alias in result.output
+    assert "138,357,544 parameters" in result.output
+    assert "15.47 G multiply-adds" in result.output
+    assert "missing, downloaded on first use" in result.output
+
+
+def test_info_depth_19_and_a_small_input():
+    result = invoke("info", "--depth", "19", "--image-size", "64")
+    assert result.exit_code == 0, result.output
+    assert "VGG19 at 64x64" in result.output and "block5_conv4" in result.output
+    assert "fc1" not in result.output and "need 224x224" in result.output
+
+
+def test_info_json_matches_the_catalogue(keras_home):
+    result = invoke("info", "--depth", "19", "--json")
+    facts = json.loads(result.output)
+    catalogue = vgg(19).catalogue(224)
+    assert facts["total_params"] == catalogue.params == 143_667_240
+    assert facts["total_macs"] == catalogue.macs
+    assert [layer["name"] for layer in facts["layers"]] == [f.layer.name for f in catalogue.layers]
+    for entry, expected in zip(facts["layers"], catalogue.layers, strict=True):
+        assert entry["alias"] == expected.layer.alias
+        assert tuple(entry["output_shape"]) == expected.output_shape
+        assert (entry["params"], entry["macs"]) == (expected.params, expected.macs)
+        assert entry["feature_size"] == {p: expected.feature_size(p) for p in POOLINGS}
+    assert facts["cut_points"][-3:] == ["fc6", "fc7", "fc8"]
+    assert {w["file"] for w in facts["imagenet_weights"]} == {
+        PUBLISHED[19, True].fname,
+        PUBLISHED[19, False].fname,
+    }
+    assert not any(w["cached"] for w in facts["imagenet_weights"])
+
+
+def test_info_reports_a_cached_weight_file(keras_home):
+    cached = keras_home / "models" / PUBLISHED[16, False].fname
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"\0" * 2_500_000)
+    facts = json.loads(invoke("info", "--json").output)
+    entry = next(w for w in facts["imagenet_weights"] if w["file"] == cached.name)
+    assert entry == {**entry, "cached": True, "size_bytes": 2_500_000, "path": str(cached)}
+    assert "cached, 2.5 MB" in invoke("info").output
+
+
+def test_info_vgg11_says_keras_publishes_no_weights():
+    result = invoke("info", "--depth", "11")
+    assert "Keras publishes none for VGG11" in result.output
+    assert json.loads(invoke("info", "--depth", "13", "--json").output)["imagenet_weights"] == []
+
+
+def test_usage_errors():
+    result = invoke("info", "--depth", "15")
+    assert result.exit_code == 2 and "'15' is not one of '11', '13', '16', '19'" in result.output
+    result = invoke("info", "--image-size", "16")
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "Error: --image-size 16 is too small: VGG16 needs at least 32x32 "
+        "so that pool5 keeps one pixel"
+    )
+
+
+def test_help_version_and_short_help():
+    assert invoke("-h").output == invoke("--help").output
+    assert "vggfeat info --depth 19" in invoke("--help").output
+    assert "Examples" in invoke("info", "-h").output
+    assert invoke("--version").output.strip() == f"vggfeat, version {version('vggfeat')}"
+
+
+def test_module_entry_point():
+    result = subprocess.run(
+        [sys.executable, "-m", "vggfeat", "--version"], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == f"vggfeat, version {version('vggfeat')}"
+
+
+def test_help_and_argument_errors_do_not_import_tensorflow():
+    probe = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from vggfeat.cli import cli\n"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n"
+        "for args in (['--help'], ['info', '-h'], ['info', '--depth', '7'], ['info']):\n"
+        "    CliRunner().invoke(cli, args)\n"
+        "loaded = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
+        "print(','.join(loaded) or 'none')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "none"
