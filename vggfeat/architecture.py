@@ -175,20 +175,30 @@ class Architecture:
             facts.append(LayerFacts(layer, shape, params, macs))
         return Catalogue(self.depth, image_size, tuple(facts))
 
-    def build(self, image_size: int, up_to: Layer, seed: int = 0) -> keras.Model:
+    def build(
+        self, image_size: int, up_to: Layer, seed: int | None = 0, dtype: str | None = None
+    ) -> keras.Model:
         """The Keras model from the input through ``up_to``, weights drawn under ``seed``.
 
         Each layer's initialisers get their own seed derived from ``seed`` and
         the layer's position, so a layer's random weights do not depend on
-        where the network is cut.
+        where the network is cut. With ``seed=None`` the weights are zeros, to
+        be loaded: drawing 138 million random numbers only to overwrite them
+        costs seconds.
+
+        ``dtype`` is a Keras dtype policy such as ``"mixed_bfloat16"``; float32 by default.
         """
+        from vggfeat.runtime import tensorflow
+
+        tensorflow()
         import keras
 
         self.check_image_size([up_to], image_size)
         inputs = keras.Input(shape=(image_size, image_size, 3), name="input_layer")
         x = inputs
         for index, layer in enumerate(self.layers):
-            x = _keras_layer(keras, layer, seed * 1000 + index)(x)
+            layer_seed = None if seed is None else seed * 1000 + index
+            x = _keras_layer(keras, layer, layer_seed, dtype)(x)
             if layer == up_to:
                 break
         return keras.Model(inputs, x, name=f"vgg{self.depth}")
@@ -233,14 +243,17 @@ def _layer_cost(layer: Layer, shape: tuple[int, ...]) -> tuple[int, int, tuple[i
     return inputs * layer.width + layer.width, inputs * layer.width, (layer.width,)
 
 
-def _keras_layer(keras, layer: Layer, seed: int) -> keras.Layer:
+def _keras_layer(keras, layer: Layer, seed: int | None, dtype: str | None) -> keras.Layer:
     if layer.kind == "pool":
-        return keras.layers.MaxPooling2D((2, 2), strides=(2, 2), name=layer.name)
+        return keras.layers.MaxPooling2D((2, 2), strides=(2, 2), name=layer.name, dtype=dtype)
     if layer.kind == "flatten":
-        return keras.layers.Flatten(name=layer.name)
+        return keras.layers.Flatten(name=layer.name, dtype=dtype)
     initialisers = {
-        "kernel_initializer": keras.initializers.GlorotUniform(seed=seed),
+        "kernel_initializer": "zeros"
+        if seed is None
+        else keras.initializers.GlorotUniform(seed=seed),
         "bias_initializer": "zeros",
+        "dtype": dtype,
     }
     if layer.kind == "conv":
         return keras.layers.Conv2D(

@@ -241,8 +241,8 @@ def _weighted_layers(model: keras.Model, architecture: Architecture) -> list[Lay
     return [layer for layer in architecture.layers if layer.has_weights and layer.name in names]
 
 
-def _shapes(arrays) -> str:
-    return ", ".join(str(tuple(np.shape(a))) for a in arrays)
+def _shapes(shapes) -> str:
+    return ", ".join(str(tuple(shape)) for shape in shapes)
 
 
 def _assign(
@@ -264,7 +264,7 @@ def _assign(
         kind = "conv" if layer.kind == "conv" else "dense"
         queue = by_kind[kind]
         keras_layer = model.get_layer(layer.name)
-        expected = keras_layer.get_weights()
+        expected = [variable.shape for variable in keras_layer.weights]
         if position[kind] >= len(queue):
             hint = "; a no-top file serves cuts up to pool5 only" if kind == "dense" else for_depth
             raise WeightsMismatchError(
@@ -272,14 +272,12 @@ def _assign(
             )
         candidate = queue[position[kind]]
         position[kind] += 1
-        shapes_fit = len(candidate.arrays) == len(expected) and all(
-            a.shape == e.shape for a, e in zip(candidate.arrays, expected, strict=True)
-        )
+        shapes_fit = [a.shape for a in candidate.arrays] == [tuple(s) for s in expected]
         if not shapes_fit or candidate.name not in (None, layer.name):
             raise WeightsMismatchError(
                 f"weights file {path} does not fit {architecture.name} at {layer.name} "
                 f"({layer.alias}): the network expects {_shapes(expected)}, the file's "
-                f"{candidate.label} has {_shapes(candidate.arrays)}"
+                f"{candidate.label} has {_shapes(a.shape for a in candidate.arrays)}"
                 + (for_depth if file_depth != architecture.depth else "")
             )
         keras_layer.set_weights(list(candidate.arrays))

@@ -1,0 +1,120 @@
+"""The cut network and its heads, compiled once for one batch shape.
+
+uint8 pixels go in; the Caffe preprocessing the ImageNet weights expect
+(RGB to BGR, minus the ImageNet mean, no scaling, as
+``keras.applications.vgg16.preprocess_input`` does), the network up to the
+deepest requested layer, the optional spatial pooling and the cast back to
+float32 all run inside one ``tf.function`` traced once: the last, short batch
+is padded rather than traced again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from vggfeat.architecture import Architecture, Layer
+from vggfeat.runtime import gpus, tensorflow
+from vggfeat.weights import WeightsRecord, apply_weights
+
+Pooling = Literal["none", "avg", "max"]
+Precision = Literal["float32", "mixed"]
+PRECISIONS: tuple[Precision, ...] = ("float32", "mixed")
+
+#: ImageNet's mean colour in BGR order, as ``keras.applications`` subtracts it.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+PREPROCESSING = (
+    "caffe: RGB to BGR, minus the ImageNet mean (B 103.939, G 116.779, R 123.68), no scaling"
+)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One requested output: the name the user typed and the layer it means."""
+
+    label: str
+    layer: Layer
+
+    def pools(self, pool: Pooling) -> bool:
+        """Whether ``pool`` applies: only convolutional maps are pooled."""
+        return pool != "none" and self.layer.kind in ("conv", "pool")
+
+
+def compute_dtype(precision: Precision, on_gpu: bool) -> str:
+    """The dtype the layers compute in: float16 on a GPU, bfloat16 on a CPU, for mixed."""
+    if precision == "float32":
+        return "float32"
+    return "float16" if on_gpu else "bfloat16"
+
+
+class FeatureNetwork:
+    """VGG cut at one or more layers, as one function from uint8 batches to features."""
+
+    def __init__(
+        self,
+        architecture: Architecture,
+        cuts: list[Cut],
+        image_size: int,
+        batch_size: int,
+        pool: Pooling = "none",
+        weights: str | os.PathLike = "imagenet",
+        seed: int = 0,
+        precision: Precision = "float32",
+    ) -> None:
+        tf = tensorflow()
+        import keras
+
+        self.cuts = cuts
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.on_gpu = bool(gpus())
+        self.compute_dtype = compute_dtype(precision, self.on_gpu)
+        policy = None if precision == "float32" else f"mixed_{self.compute_dtype}"
+
+        deepest = max((cut.layer for cut in cuts), key=architecture.layers.index)
+        model = architecture.build(
+            image_size, deepest, seed if weights == "random" else None, dtype=policy
+        )
+        self.weights: WeightsRecord = apply_weights(model, architecture, weights, seed)
+        outputs = [model.get_layer(cut.layer.name).output for cut in cuts]
+        cut_model = keras.Model(model.input, outputs)
+        mean = tf.constant(CAFFE_MEAN_BGR, tf.float32)
+        pooling = {"avg": tf.reduce_mean, "max": tf.reduce_max}
+
+        @tf.function(
+            input_signature=[tf.TensorSpec((batch_size, image_size, image_size, 3), tf.uint8)],
+            reduce_retracing=False,
+        )
+        def forward(pixels):
+            bgr = tf.reverse(tf.cast(pixels, tf.float32), axis=[-1]) - mean
+            outputs = cut_model(bgr, training=False)
+            if len(cuts) == 1:
+                outputs = [outputs]
+            features = []
+            for cut, output in zip(cuts, outputs, strict=True):
+                output = tf.cast(output, tf.float32)
+                if cut.pools(pool):
+                    output = pooling[pool](output, axis=[1, 2])
+                features.append(output)
+            return features
+
+        self._forward = forward
+
+    @property
+    def traces(self) -> int:
+        """How many times the function was traced; 1 after any number of batches."""
+        return self._forward.experimental_get_tracing_count()
+
+    def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
+        """Features of a batch: (n, size, size, 3) uint8 in, one float32 array per cut out.
+
+        ``n`` may be anything up to the batch size; a short batch is padded.
+        """
+        count = len(pixels)
+        if count < self.batch_size:
+            padding = np.zeros((self.batch_size - count, *pixels.shape[1:]), np.uint8)
+            pixels = np.concatenate([pixels, padding])
+        return [output.numpy()[:count] for output in self._forward(pixels)]
