@@ -8,6 +8,7 @@ that a bias lost or swapped shows in the outputs.
 from __future__ import annotations
 
 import os
+from functools import cache
 from pathlib import Path
 
 import h5py
@@ -17,8 +18,12 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+@cache
 def reference_model(depth: int, include_top: bool, image_size: int = 224, seed: int = 1):
-    """``keras.applications.VGG16``/``VGG19`` with seeded kernels and non-zero biases."""
+    """``keras.applications.VGG16``/``VGG19`` with seeded kernels and non-zero biases.
+
+    Cached for the session: tests read these models and never change them.
+    """
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -26,9 +31,8 @@ def reference_model(depth: int, include_top: bool, image_size: int = 224, seed: 
     model = build(weights=None, include_top=include_top, input_shape=(image_size, image_size, 3))
     rng = np.random.default_rng(seed)
     for layer in model.layers:
-        if layer.get_weights():
-            kernel, bias = layer.get_weights()
-            layer.set_weights([kernel, rng.uniform(-0.1, 0.1, bias.shape).astype(bias.dtype)])
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.assign(rng.uniform(-0.1, 0.1, layer.bias.shape).astype("float32"))
     return model
 
 

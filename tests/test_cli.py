@@ -96,18 +96,44 @@ def test_module_entry_point():
     assert result.stdout.strip() == f"vggfeat, version {version('vggfeat')}"
 
 
-def test_help_and_argument_errors_do_not_import_tensorflow():
+def test_help_and_argument_errors_do_not_import_tensorflow(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "empty").mkdir()
+    image = str(tmp_path / "a.png")
+    calls = [
+        ["--help"],
+        ["info", "-h"],
+        ["info", "--depth", "7"],
+        ["info"],
+        ["extract", "-h"],
+        ["extract", str(tmp_path / "missing")],
+        ["extract", image, "--layer", "fc9"],
+        ["extract", image, "--image-size", "64"],
+        ["extract", image, "-o", str(tmp_path / "file" / "out.h5")],
+        ["extract", str(tmp_path / "empty")],
+    ]
     probe = (
-        "import sys\n"
+        "import sys, json\n"
         "from click.testing import CliRunner\n"
         "from vggfeat.cli import cli\n"
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n"
-        "for args in (['--help'], ['info', '-h'], ['info', '--depth', '7'], ['info']):\n"
-        "    CliRunner().invoke(cli, args)\n"
+        f"for args in {calls!r}:\n"
+        "    result = CliRunner().invoke(cli, args)\n"
+        "    print(json.dumps([result.exit_code, result.output.splitlines()[-1:]]))\n"
         "loaded = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
         "print(','.join(loaded) or 'none')\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )
-    assert result.stdout.strip() == "none"
+    *answers, loaded = result.stdout.splitlines()
+    assert loaded == "none"
+    codes = [json.loads(answer)[0] for answer in answers]
+    assert codes == [0, 0, 2, 0, 0, 1, 1, 1, 1, 1]
+    errors = [json.loads(answer)[1][0] for answer in answers[5:]]
+    assert "missing does not exist" in errors[0]
+    assert "VGG16 has no layer 'fc9'" in errors[1]
+    assert "fc7 need 224x224 input" in errors[2]
+    assert errors[3].startswith(f"Error: cannot write output {tmp_path}/file/out.h5")
+    assert "no images found in the inputs" in errors[4]

@@ -1,5 +1,8 @@
 """vggfeat: folders of images in, VGG feature vectors out, in one HDF5 file.
 
+    summary = vggfeat.extract(["photos/"], "features.h5", layers=["fc7"])
+    paths, features = vggfeat.load("features.h5")
+
 The command-line tool and this API do the same things; TensorFlow is imported
 only when a network is built, so importing vggfeat is cheap.
 """
@@ -8,7 +11,21 @@ from importlib.metadata import version
 
 from vggfeat.architecture import Architecture, Catalogue, Layer, LayerFacts, vgg
 from vggfeat.errors import VggfeatError
+from vggfeat.pipeline import Progress, Summary, extract
+from vggfeat.store import Features, load
 
 __version__ = version("vggfeat")
 
-__all__ = ["Architecture", "Catalogue", "Layer", "LayerFacts", "VggfeatError", "vgg"]
+__all__ = [
+    "Architecture",
+    "Catalogue",
+    "Features",
+    "Layer",
+    "LayerFacts",
+    "Progress",
+    "Summary",
+    "VggfeatError",
+    "extract",
+    "load",
+    "vgg",
+]

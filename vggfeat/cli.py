@@ -8,15 +8,36 @@ TensorFlow is not imported on the way to ``--help`` or an argument error.
 from __future__ import annotations
 
 import json
+import shlex
+import sys
+import time
+from enum import IntEnum
 from typing import Any
 
 import click
 
 from vggfeat.architecture import DEPTHS, POOLINGS, TOP_IMAGE_SIZE, Architecture, Catalogue, vgg
 from vggfeat.errors import VggfeatError
+from vggfeat.images import RESIZE_MODES
+from vggfeat.network import PRECISIONS
+from vggfeat.store import COMPRESSIONS, STORED_DTYPES
 from vggfeat.weights import published_files
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class ExitCode(IntEnum):
+    """What ``vggfeat`` exits with."""
+
+    OK = 0
+    ERROR = 1
+    """A problem to fix: the message on stderr says which and how."""
+    USAGE = 2
+    """An unknown option or a bad value."""
+    SOME_FAILED = 3
+    """``--strict`` and at least one image could not be used."""
+    INTERRUPTED = 130
+    """Ctrl-C: completed work is kept; the same command continues."""
 
 
 class _Commands(click.Group):
@@ -181,3 +202,231 @@ def _print_info(architecture: Architecture, catalogue: Catalogue) -> None:
 
 def _giga(count: int) -> str:
     return f"{count / 1e9:.2f} G" if count >= 1e7 else f"{count / 1e6:.2f} M" if count else "0"
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, type=click.Path(), metavar="INPUT...")
+@click.option(
+    "-o",
+    "--output",
+    default="features.h5",
+    show_default=True,
+    type=click.Path(),
+    help="The HDF5 file to write, or to continue if it exists.",
+)
+@depth_option
+@click.option(
+    "--layer",
+    "layers",
+    multiple=True,
+    default=["fc7"],
+    show_default=True,
+    metavar="NAME",
+    help="Cut point: fc7, pool5, conv5_3, ... or a Keras name; repeat for several in one pass.",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(POOLINGS),
+    default="none",
+    show_default=True,
+    help="Pool conv maps over space: none stores (N, H, W, C), avg/max store (N, C).",
+)
+@click.option(
+    "--weights",
+    default="imagenet",
+    show_default=True,
+    metavar="imagenet|random|PATH",
+    help="ImageNet weights (cached by Keras), seeded random ones, or a .h5/.weights.h5 file.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --weights random.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    metavar="N",
+    help="Images per network call.",
+)
+@image_size_option
+@click.option(
+    "--resize",
+    type=click.Choice(RESIZE_MODES),
+    default="squash",
+    show_default=True,
+    help="squash: stretch to the square; crop: shorter side, centre crop; letterbox: fit, pad.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="float32",
+    show_default=True,
+    help="mixed: float16 on a GPU, bfloat16 on a CPU; faster, slightly different numbers.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(STORED_DTYPES),
+    default="float32",
+    show_default=True,
+    help="How features are stored; float16 halves the file.",
+)
+@click.option(
+    "--compression",
+    type=click.Choice(COMPRESSIONS),
+    default="none",
+    show_default=True,
+    help="HDF5 compression of the features.",
+)
+@click.option(
+    "--files-from",
+    type=click.File("r", encoding="utf-8", errors="surrogateescape"),
+    metavar="FILE|-",
+    help="Read more inputs from a file, one path a line ('-' for stdin).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Decoding threads.  [default: the number of CPUs]",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Refuse larger images as decompression bombs.  [default: Pillow's, 89,478,485]",
+)
+@click.option("--strict", is_flag=True, help="Exit 3 if any image could not be used.")
+@click.option("--overwrite", is_flag=True, help="Replace the output instead of continuing it.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress and no summary.")
+def extract(inputs, output, files_from, strict, quiet, **options) -> None:
+    """Extract VGG features of every image under INPUT into one HDF5 file.
+
+    INPUT is a folder (searched recursively, in sorted order, for .jpg .jpeg
+    .png .bmp .gif .webp .tif .tiff files, hidden ones skipped) or an image
+    file. Row i of every /features/<layer> dataset belongs to /paths[i];
+    files that cannot be used are listed with reasons in /failed. Running
+    the same command again continues where it stopped.
+
+    \b
+    Examples:
+      vggfeat extract photos/ -o features.h5
+      vggfeat extract photos/ --layer pool5 --pool avg --precision mixed
+      vggfeat extract photos/ --layer fc6 --layer fc7 --dtype float16
+      find photos -newer last-run | vggfeat extract --files-from - -o new.h5
+    """
+    from vggfeat.pipeline import extract as run_extract
+
+    if not inputs and files_from is None:
+        raise click.UsageError("give at least one INPUT folder or file, or --files-from")
+    view = _ProgressView(quiet)
+    try:
+        with view:
+            summary = run_extract(
+                inputs,
+                output,
+                files_from=files_from or (),
+                on_progress=view.update,
+                command=shlex.join(["vggfeat", *sys.argv[1:]]),
+                **options,
+            )
+    except KeyboardInterrupt:
+        click.echo(
+            f"Interrupted. Completed batches are in {output}; run the same command to continue.",
+            err=True,
+        )
+        sys.exit(ExitCode.INTERRUPTED)
+    if not quiet:
+        _print_summary(summary)
+    if strict and summary.failures:
+        sys.exit(ExitCode.SOME_FAILED)
+
+
+class _ProgressView:
+    """Progress on stderr: a rich bar on a terminal, a line every few seconds elsewhere."""
+
+    PLAIN_EVERY = 10.0
+
+    def __init__(self, quiet: bool) -> None:
+        from rich.console import Console
+
+        self.quiet = quiet
+        self.console = Console(stderr=True)
+        self.bar = None
+        self.task = None
+        self.last_line = 0.0
+
+    def __enter__(self) -> _ProgressView:
+        if not self.quiet and self.console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[failed]}"),
+                console=self.console,
+            )
+            self.bar.__enter__()
+            self.task = self.bar.add_task("starting", total=None, rate="", failed="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def update(self, progress) -> None:
+        if self.quiet:
+            return
+        rate = progress.done / progress.elapsed if progress.elapsed > 0 else 0.0
+        if self.bar is not None:
+            self.bar.update(
+                self.task,
+                description="extracting",
+                completed=progress.done,
+                total=progress.total,
+                rate=f"{rate:.1f} images/s",
+                failed=f"{progress.failed} failed" if progress.failed else "",
+            )
+            return
+        now = time.monotonic()
+        if now - self.last_line >= self.PLAIN_EVERY or progress.done == progress.total:
+            self.last_line = now
+            self.console.print(
+                f"{progress.done:,}/{progress.total:,} images, {rate:.1f} images/s, "
+                f"{progress.failed:,} failed",
+                highlight=False,
+            )
+
+
+def _print_summary(summary) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    timings = summary.timings
+    if summary.skipped and not summary.stored and not summary.failures:
+        console.print(
+            f"Nothing to do: all {summary.skipped:,} images are already in {summary.output}."
+        )
+        return
+    console.print(
+        f"Stored {summary.stored:,} images in {summary.output} ({summary.rows:,} rows in all"
+        + (f", {summary.skipped:,} from earlier runs" if summary.skipped else "")
+        + f"); {len(summary.failures):,} failed."
+    )
+    for failure in summary.failures[:5]:
+        console.print(f"  failed: {failure.path}: {failure.reason}")
+    if len(summary.failures) > 5:
+        console.print(f"  ... and {len(summary.failures) - 5:,} more, listed in /failed.")
+    console.print(
+        f"Time: {summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s after start-up "
+        f"(start-up {timings.startup:.1f} s, waiting for images {timings.waiting:.1f} s, "
+        f"network {timings.network:.1f} s, writing {timings.writing:.1f} s). "
+        f"File: {summary.file_bytes / 1e6:,.1f} MB."
+    )

@@ -1,0 +1,299 @@
+"""``vggfeat extract`` end to end, against Keras's own VGG16 and ``preprocess_input``."""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import vggfeat
+from tests.conftest import reference_model
+from vggfeat.cli import ExitCode, cli
+from vggfeat.pipeline import Progress, extract
+
+
+def invoke(*args: str, input: str | None = None):
+    return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
+
+
+def make_images(folder, count: int, size: int = 32, seed: int = 0) -> list[str]:
+    """``count`` lossless images of random pixels; their paths in discovery order."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        path = folder / f"img{index:03d}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def pixels_of(paths) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+
+
+def keras_features(depth: int, include_top: bool, size: int, layer: str, pixels, pool=None):
+    """Keras's own model and ``preprocess_input`` on float32 pixels: the reference."""
+    model = reference_model(depth, include_top, size)
+    cut = keras.Model(model.input, model.get_layer(layer).output)
+    preprocess = {16: keras.applications.vgg16, 19: keras.applications.vgg19}[depth]
+    features = np.asarray(cut(preprocess.preprocess_input(pixels.astype("float32"))))
+    if pool:
+        features = getattr(np, pool)(features, axis=(1, 2))
+    return features
+
+
+def test_fc7_and_pool5_equal_keras_vgg16(tmp_path, weight_files):
+    paths = make_images(tmp_path / "photos", 3, size=224)
+    weights = str(weight_files(16, True))
+    output = tmp_path / "features.h5"
+    result = invoke(
+        "extract",
+        str(tmp_path / "photos"),
+        "-o",
+        str(output),
+        "--layer",
+        "fc7",
+        "--layer",
+        "pool5",
+        "--weights",
+        weights,
+        "--batch-size",
+        "2",
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    loaded_paths, features = vggfeat.load(output)
+    assert loaded_paths == paths
+    pixels = pixels_of(paths)
+    for name, layer in (("fc7", "fc2"), ("pool5", "block5_pool")):
+        expected = keras_features(16, True, 224, layer, pixels)
+        np.testing.assert_allclose(
+            features[name], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
+        )
+
+
+def test_rows_align_with_paths_across_batches_and_a_padded_last_batch(tmp_path, weight_files):
+    paths = make_images(tmp_path / "photos", 7)
+    output = tmp_path / "f.h5"
+    summary = extract(
+        [tmp_path / "photos"],
+        output,
+        layers=["pool1"],
+        pool="avg",
+        image_size=32,
+        batch_size=3,
+        weights=weight_files(16),
+        workers=3,
+    )
+    assert (summary.stored, summary.rows, summary.failures) == (7, 7, ())
+    loaded = vggfeat.load(output)
+    assert loaded.paths == paths
+    expected = keras_features(16, False, 32, "block1_pool", pixels_of(paths), pool="mean")
+    np.testing.assert_allclose(loaded.features["pool1"], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_several_layers_in_one_pass_and_pooling_shapes(tmp_path, weight_files):
+    make_images(tmp_path / "photos", 2, size=40)
+    weights = weight_files(16)
+    common = {"image_size": 40, "weights": weights}
+    extract(
+        [tmp_path / "photos"],
+        tmp_path / "both.h5",
+        layers=["conv2_1", "block1_pool"],
+        pool="none",
+        **common,
+    )
+    extract([tmp_path / "photos"], tmp_path / "max.h5", layers=["conv2_1"], pool="max", **common)
+    extract([tmp_path / "photos"], tmp_path / "one.h5", layers=["block1_pool"], **common)
+    both = vggfeat.load(tmp_path / "both.h5").features
+    assert both["conv2_1"].shape == (2, 20, 20, 128)
+    assert both["block1_pool"].shape == (2, 20, 20, 64)
+    np.testing.assert_array_equal(
+        both["block1_pool"], vggfeat.load(tmp_path / "one.h5").features["block1_pool"]
+    )
+    np.testing.assert_allclose(
+        vggfeat.load(tmp_path / "max.h5").features["conv2_1"],
+        both["conv2_1"].max(axis=(1, 2)),
+        rtol=1e-6,
+    )
+
+
+def test_file_attributes_and_dataset_layout(tmp_path):
+    make_images(tmp_path / "photos", 2)
+    output = tmp_path / "f.h5"
+    extract(
+        [tmp_path / "photos"],
+        output,
+        layers=["conv1_2"],
+        pool="avg",
+        image_size=32,
+        weights="random",
+        seed=5,
+        dtype="float16",
+        compression="gzip",
+    )
+    with h5py.File(output) as file:
+        attrs = dict(file.attrs)
+        dataset = file["features/conv1_2"]
+        assert dataset.dtype == np.float16 and dataset.compression == "gzip"
+        assert dataset.chunks is not None and dataset.maxshape == (None, 64)
+        assert dict(dataset.attrs) == {"keras_layer": "block1_conv2", "pooling": "avg"}
+        assert file["paths"].dtype.kind == "O" and len(file["failed/paths"]) == 0
+    assert attrs["depth"] == 16 and list(attrs["layers"]) == ["conv1_2"]
+    assert (attrs["weights"], attrs["seed"], attrs["pooling"]) == ("random", 5, "avg")
+    assert (attrs["image_size"], attrs["resize"], attrs["dtype"]) == (32, "squash", "float16")
+    assert attrs["precision"] == "float32" and "103.939" in attrs["preprocessing"]
+    assert attrs["keras_version"] == keras.__version__
+    assert attrs["vggfeat_version"] == vggfeat.__version__
+    for key in ("tensorflow_version", "created", "command", "weights_file", "weights_sha256"):
+        assert key in attrs
+
+
+def test_failures_are_recorded_and_strict_exits_3(tmp_path):
+    paths = make_images(tmp_path / "photos", 2)
+    (tmp_path / "photos" / "broken.jpg").write_text("not an image")
+    args = [
+        "extract",
+        str(tmp_path / "photos"),
+        "-o",
+        str(tmp_path / "f.h5"),
+        "--layer",
+        "pool1",
+        "--image-size",
+        "32",
+        "--weights",
+        "random",
+    ]
+    result = invoke(*args)
+    assert result.exit_code == 0
+    assert "Stored 2 images" in result.output and "1 failed" in result.output
+    assert "broken.jpg: not an image" in result.output
+    loaded = vggfeat.load(tmp_path / "f.h5")
+    assert loaded.paths == paths
+    assert list(loaded.failed) == [str(tmp_path / "photos" / "broken.jpg")]
+    result = invoke(*args, "--strict", "--overwrite")
+    assert result.exit_code == ExitCode.SOME_FAILED
+
+
+def test_every_decoding_case_lands_in_rows_or_failures(tmp_path):
+    photos = tmp_path / "photos"
+    make_images(photos, 1)
+    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(photos / "cmyk.jpg")
+    Image.new("RGB", (40, 40)).save(photos / "png named.jpg", format="PNG")
+    Image.new("RGBA", (40, 40), (1, 2, 3, 0)).save(photos / "ünïcödé 猫.png")
+    (photos / "zero.jpg").write_bytes(b"")
+    os.mkfifo(photos / "pipe.jpg")
+    os.symlink(photos, photos / "loop")
+    summary = extract(
+        [photos], tmp_path / "f.h5", layers=["pool1"], image_size=32, weights="random"
+    )
+    loaded = vggfeat.load(tmp_path / "f.h5")
+    names = [os.path.basename(p) for p in loaded.paths]
+    assert names == ["cmyk.jpg", "img000.png", "png named.jpg", "ünïcödé 猫.png"]
+    assert {os.path.basename(p): r for p, r in loaded.failed.items()} == {
+        "pipe.jpg": "not a regular file (a FIFO)",
+        "zero.jpg": "empty file",
+    }
+    assert len(summary.failures) == 2
+
+
+def test_continuing_skips_what_is_done_and_matches_an_uninterrupted_run(tmp_path):
+    paths = make_images(tmp_path / "photos", 7)
+    options = {
+        "layers": ["pool1"],
+        "pool": "max",
+        "image_size": 32,
+        "weights": "random",
+        "batch_size": 2,
+    }
+    clean = extract([tmp_path / "photos"], tmp_path / "clean.h5", **options)
+
+    def interrupt_after_two_batches(progress: Progress) -> None:
+        if progress.done >= 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(
+            [tmp_path / "photos"],
+            tmp_path / "f.h5",
+            on_progress=interrupt_after_two_batches,
+            **options,
+        )
+    assert vggfeat.load(tmp_path / "f.h5").paths == paths[:4]
+    resumed = extract([tmp_path / "photos"], tmp_path / "f.h5", **options)
+    assert (resumed.stored, resumed.skipped, resumed.rows) == (3, 4, 7)
+    loaded, reference = vggfeat.load(tmp_path / "f.h5"), vggfeat.load(clean.output)
+    assert loaded.paths == reference.paths == paths
+    np.testing.assert_allclose(loaded.features["pool1"], reference.features["pool1"], rtol=1e-5)
+    again = extract([tmp_path / "photos"], tmp_path / "f.h5", **options)
+    assert (again.stored, again.skipped) == (0, 7)
+
+
+def test_other_settings_are_refused_unless_overwrite(tmp_path):
+    make_images(tmp_path / "photos", 1)
+    args = [
+        "extract",
+        str(tmp_path / "photos"),
+        "-o",
+        str(tmp_path / "f.h5"),
+        "--image-size",
+        "32",
+        "--weights",
+        "random",
+        "--quiet",
+    ]
+    assert invoke(*args, "--layer", "pool1").exit_code == 0
+    result = invoke(*args, "--layer", "pool2")
+    assert result.exit_code == ExitCode.ERROR
+    assert "--layer pool1 in the file, pool2 now" in result.output
+    assert "--overwrite" in result.output
+    assert invoke(*args, "--layer", "pool2", "--overwrite").exit_code == 0
+    assert list(vggfeat.load(tmp_path / "f.h5").features) == ["pool2"]
+
+
+def test_files_from_stdin(tmp_path):
+    paths = make_images(tmp_path / "photos", 3)
+    result = invoke(
+        "extract",
+        "--files-from",
+        "-",
+        "-o",
+        str(tmp_path / "f.h5"),
+        "--layer",
+        "pool1",
+        "--image-size",
+        "32",
+        "--weights",
+        "random",
+        input=f"{paths[2]}\n{paths[0]}\n",
+    )
+    assert result.exit_code == 0, result.output
+    assert vggfeat.load(tmp_path / "f.h5").paths == [paths[2], paths[0]]
+
+
+def test_fc_layers_at_another_size_fail_clearly(tmp_path):
+    make_images(tmp_path / "photos", 1)
+    result = invoke(
+        "extract", str(tmp_path / "photos"), "--image-size", "64", "-o", str(tmp_path / "f.h5")
+    )
+    assert result.exit_code == ExitCode.ERROR
+    assert "fc7 need 224x224 input" in result.output
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_mixed_precision_stays_close_to_float32(tmp_path):
+    make_images(tmp_path / "photos", 2, size=32)
+    options = {"layers": ["conv3_1"], "pool": "avg", "image_size": 32, "weights": "random"}
+    extract([tmp_path / "photos"], tmp_path / "full.h5", **options)
+    extract([tmp_path / "photos"], tmp_path / "mixed.h5", precision="mixed", **options)
+    full = vggfeat.load(tmp_path / "full.h5").features["conv3_1"]
+    mixed = vggfeat.load(tmp_path / "mixed.h5").features["conv3_1"]
+    cosine = (full * mixed).sum(1) / np.linalg.norm(full, axis=1) / np.linalg.norm(mixed, axis=1)
+    assert cosine.min() > 0.99 and not np.array_equal(full, mixed)
