@@ -20,7 +20,7 @@ from vggfeat.architecture import DEPTHS, POOLINGS, TOP_IMAGE_SIZE, Architecture,
 from vggfeat.errors import VggfeatError
 from vggfeat.images import RESIZE_MODES
 from vggfeat.network import PRECISIONS
-from vggfeat.store import COMPRESSIONS, STORED_DTYPES
+from vggfeat.store import COMMIT_IMAGES, COMPRESSIONS, STORED_DTYPES
 from vggfeat.weights import published_files
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -38,6 +38,8 @@ class ExitCode(IntEnum):
     """``--strict`` and at least one image could not be used."""
     INTERRUPTED = 130
     """Ctrl-C: completed work is kept; the same command continues."""
+    TERMINATED = 143
+    """SIGTERM: as for Ctrl-C."""
 
 
 class _Commands(click.Group):
@@ -294,8 +296,22 @@ def _giga(count: int) -> str:
     metavar="N",
     help="Refuse larger images as decompression bombs.  [default: Pillow's, 89,478,485]",
 )
+@click.option(
+    "--commit-every",
+    type=click.IntRange(min=1),
+    default=COMMIT_IMAGES,
+    show_default=True,
+    metavar="N",
+    help="Make completed work crash-safe every N images (or 64 MB, or 30 s).",
+)
+@click.option("--update", is_flag=True, help="Also read again images changed since stored.")
+@click.option("--prune", is_flag=True, help="Drop rows of files that no longer exist.")
 @click.option("--strict", is_flag=True, help="Exit 3 if any image could not be used.")
-@click.option("--overwrite", is_flag=True, help="Replace the output instead of continuing it.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the output (once this run completes) instead of continuing it.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no summary.")
 def extract(inputs, output, files_from, strict, quiet, **options) -> None:
     """Extract VGG features of every image under INPUT into one HDF5 file.
@@ -303,8 +319,12 @@ def extract(inputs, output, files_from, strict, quiet, **options) -> None:
     INPUT is a folder (searched recursively, in sorted order, for .jpg .jpeg
     .png .bmp .gif .webp .tif .tiff files, hidden ones skipped) or an image
     file. Row i of every /features/<layer> dataset belongs to /paths[i];
-    files that cannot be used are listed with reasons in /failed. Running
-    the same command again continues where it stopped.
+    files that cannot be used are listed with reasons in /failed.
+
+    Nothing completed is lost: work is committed to OUTPUT.parts/ as it goes
+    and OUTPUT is written when all is done. After a crash, Ctrl-C or a full
+    disk, the same command continues; on a finished file it adds new images
+    (--update: changed ones too).
 
     \b
     Examples:
@@ -312,7 +332,9 @@ def extract(inputs, output, files_from, strict, quiet, **options) -> None:
       vggfeat extract photos/ --layer pool5 --pool avg --precision mixed
       vggfeat extract photos/ --layer fc6 --layer fc7 --dtype float16
       find photos -newer last-run | vggfeat extract --files-from - -o new.h5
+      vggfeat extract photos/ --update --prune     # bring features.h5 up to date
     """
+    from vggfeat.pipeline import Interrupted
     from vggfeat.pipeline import extract as run_extract
 
     if not inputs and files_from is None:
@@ -328,12 +350,12 @@ def extract(inputs, output, files_from, strict, quiet, **options) -> None:
                 command=shlex.join(["vggfeat", *sys.argv[1:]]),
                 **options,
             )
-    except KeyboardInterrupt:
+    except Interrupted as stop:
         click.echo(
-            f"Interrupted. Completed batches are in {output}; run the same command to continue.",
+            f"Stopped. Completed work is kept in {stop.parts}; run the same command to continue.",
             err=True,
         )
-        sys.exit(ExitCode.INTERRUPTED)
+        sys.exit(stop.exit_code)
     if not quiet:
         _print_summary(summary)
     if strict and summary.failures:
@@ -420,6 +442,11 @@ def _print_summary(summary) -> None:
         + (f", {summary.skipped:,} from earlier runs" if summary.skipped else "")
         + f"); {len(summary.failures):,} failed."
     )
+    if summary.batch_size < summary.requested_batch_size:
+        console.print(
+            f"Ran out of memory: the batch size was lowered to {summary.batch_size}; "
+            f"pass --batch-size {summary.batch_size} next time."
+        )
     for failure in summary.failures[:5]:
         console.print(f"  failed: {failure.path}: {failure.reason}")
     if len(summary.failures) > 5:

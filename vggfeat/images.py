@@ -43,6 +43,9 @@ class Decoded:
     path: str
     pixels: np.ndarray
     """(size, size, 3) uint8, RGB."""
+    size: int = -1
+    """The file's size in bytes and modification time when it was read (for --update)."""
+    mtime_ns: int = -1
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class Failure:
 
     path: str
     reason: str
+    size: int = -1
+    """The file's size and modification time when it was tried; -1 where unknown."""
+    mtime_ns: int = -1
 
 
 def discover(inputs: Iterable[str], files_from: Iterable[str] = ()) -> list[str]:
@@ -128,6 +134,21 @@ def decode_image(
     itself refuses twice its ``Image.MAX_IMAGE_PIXELS`` on opening; see
     ``allow_pixels``.
     """
+    try:
+        info = os.stat(path)
+        size, mtime_ns = info.st_size, info.st_mtime_ns
+    except OSError:
+        size = mtime_ns = -1
+    outcome = _decode(path, image_size, resize, max_pixels)
+    if isinstance(outcome, str):
+        return Failure(path, outcome, size, mtime_ns)
+    return Decoded(path, outcome, size, mtime_ns)
+
+
+def _decode(
+    path: str, image_size: int, resize: ResizeMode, max_pixels: int | None
+) -> np.ndarray | str:
+    """The network input of one file, or the reason it has none."""
     from PIL import Image, UnidentifiedImageError
 
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
@@ -135,35 +156,28 @@ def decode_image(
         with _open_regular(path) as file, Image.open(file, formats=FORMATS) as image:
             width, height = image.size
             if limit and width * height > limit:
-                return Failure(
-                    path,
+                return (
                     f"{width}x{height} is {width * height:,} pixels, over the limit of "
-                    f"{limit:,} (raise it with --max-pixels if the file is trusted)",
+                    f"{limit:,} (raise it with --max-pixels if the file is trusted)"
                 )
-            pixels = _to_network_input(image, image_size, resize)
+            return _to_network_input(image, image_size, resize)
     except _NotRegular as error:
-        return Failure(path, str(error))
+        return str(error)
     except FileNotFoundError:
-        return Failure(path, "file does not exist")
+        return "file does not exist"
     except PermissionError:
-        return Failure(path, "permission denied")
+        return "permission denied"
     except UnidentifiedImageError:
-        empty = os.path.isfile(path) and os.path.getsize(path) == 0
-        return Failure(
-            path,
-            "empty file"
-            if empty
-            else "not an image in a supported format (JPEG, PNG, GIF, BMP, WebP, TIFF)",
-        )
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            return "empty file"
+        return "not an image in a supported format (JPEG, PNG, GIF, BMP, WebP, TIFF)"
     except Image.DecompressionBombError:
-        return Failure(
-            path,
+        return (
             f"over twice Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels, refused as a "
-            "possible decompression bomb (raise it with --max-pixels if the file is trusted)",
+            "possible decompression bomb (raise it with --max-pixels if the file is trusted)"
         )
     except (OSError, ValueError, SyntaxError, EOFError) as error:
-        return Failure(path, f"cannot be decoded: {_describe(error)}")
-    return Decoded(path, pixels)
+        return f"cannot be decoded: {_describe(error)}"
 
 
 def allow_pixels(max_pixels: int | None) -> None:

@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 
 from vggfeat.architecture import Architecture, Layer
+from vggfeat.errors import VggfeatError
 from vggfeat.runtime import gpus, tensorflow
 from vggfeat.weights import WeightsRecord, apply_weights
 
@@ -50,6 +51,10 @@ def compute_dtype(precision: Precision, on_gpu: bool) -> str:
     return "float16" if on_gpu else "bfloat16"
 
 
+class NetworkOutOfMemory(VggfeatError):
+    """The device ran out of memory on a batch; a smaller batch may fit."""
+
+
 class FeatureNetwork:
     """VGG cut at one or more layers, as one function from uint8 batches to features."""
 
@@ -64,12 +69,12 @@ class FeatureNetwork:
         seed: int = 0,
         precision: Precision = "float32",
     ) -> None:
-        tf = tensorflow()
+        tensorflow()
         import keras
 
         self.cuts = cuts
-        self.batch_size = batch_size
         self.image_size = image_size
+        self.pool = pool
         self.on_gpu = bool(gpus())
         self.compute_dtype = compute_dtype(precision, self.on_gpu)
         policy = None if precision == "float32" else f"mixed_{self.compute_dtype}"
@@ -80,17 +85,23 @@ class FeatureNetwork:
         )
         self.weights: WeightsRecord = apply_weights(model, architecture, weights, seed)
         outputs = [model.get_layer(cut.layer.name).output for cut in cuts]
-        cut_model = keras.Model(model.input, outputs)
+        self._model = keras.Model(model.input, outputs)
+        self.set_batch_size(batch_size)
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """Compile the function for batches of ``batch_size`` images (traced once, on first use)."""
+        tf = tensorflow()
         mean = tf.constant(CAFFE_MEAN_BGR, tf.float32)
         pooling = {"avg": tf.reduce_mean, "max": tf.reduce_max}
+        cuts, pool, model, size = self.cuts, self.pool, self._model, self.image_size
 
         @tf.function(
-            input_signature=[tf.TensorSpec((batch_size, image_size, image_size, 3), tf.uint8)],
+            input_signature=[tf.TensorSpec((batch_size, size, size, 3), tf.uint8)],
             reduce_retracing=False,
         )
         def forward(pixels):
             bgr = tf.reverse(tf.cast(pixels, tf.float32), axis=[-1]) - mean
-            outputs = cut_model(bgr, training=False)
+            outputs = model(bgr, training=False)
             if len(cuts) == 1:
                 outputs = [outputs]
             features = []
@@ -101,6 +112,7 @@ class FeatureNetwork:
                 features.append(output)
             return features
 
+        self.batch_size = batch_size
         self._forward = forward
 
     @property
@@ -111,10 +123,24 @@ class FeatureNetwork:
     def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
         """Features of a batch: (n, size, size, 3) uint8 in, one float32 array per cut out.
 
-        ``n`` may be anything up to the batch size; a short batch is padded.
+        A batch shorter than the batch size is padded, a longer one split.
+        Raises ``NetworkOutOfMemory`` when the device cannot hold a batch.
         """
+        chunks = [
+            self._run(pixels[start : start + self.batch_size])
+            for start in range(0, len(pixels), self.batch_size)
+        ]
+        return [np.concatenate(outputs) for outputs in zip(*chunks, strict=True)]
+
+    def _run(self, pixels: np.ndarray) -> list[np.ndarray]:
+        tf = tensorflow()
         count = len(pixels)
         if count < self.batch_size:
             padding = np.zeros((self.batch_size - count, *pixels.shape[1:]), np.uint8)
             pixels = np.concatenate([pixels, padding])
-        return [output.numpy()[:count] for output in self._forward(pixels)]
+        try:
+            return [output.numpy()[:count] for output in self._forward(pixels)]
+        except tf.errors.ResourceExhaustedError as error:
+            raise NetworkOutOfMemory(
+                f"out of memory on a batch of {self.batch_size} images"
+            ) from error

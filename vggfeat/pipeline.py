@@ -9,14 +9,17 @@ events; nothing here prints.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,10 +36,21 @@ from vggfeat.images import (
     decode_image,
     discover,
 )
-from vggfeat.network import PRECISIONS, PREPROCESSING, Cut, FeatureNetwork
+from vggfeat.network import PRECISIONS, PREPROCESSING, Cut, FeatureNetwork, NetworkOutOfMemory
 from vggfeat.runtime import tensorflow
-from vggfeat.store import COMPRESSIONS, STORED_DTYPES, FeatureSet, FeatureStore, Settings
+from vggfeat.store import (
+    COMMIT_IMAGES,
+    COMPRESSIONS,
+    STORED_DTYPES,
+    FeatureSet,
+    FeatureStore,
+    Settings,
+    Stamp,
+)
 from vggfeat.weights import file_sha256, published_file
+
+#: How much lower than the network decoding threads run when the network is on the CPU.
+DECODE_NICENESS = 10
 
 
 @dataclass(frozen=True)
@@ -82,7 +96,9 @@ class Summary:
     seconds: float
     timings: Timings
     file_bytes: int
-    weights: str = field(default="")
+    batch_size: int
+    """The batch size used at the end: lower than asked after running out of memory."""
+    requested_batch_size: int
 
     @property
     def images_per_second(self) -> float:
@@ -111,15 +127,25 @@ def extract(
     workers: int | None = None,
     max_pixels: int | None = None,
     overwrite: bool = False,
+    update: bool = False,
+    prune: bool = False,
+    commit_every: int = COMMIT_IMAGES,
     on_progress: Callable[[Progress], None] | None = None,
     command: str | None = None,
 ) -> Summary:
     """Extract features of every image in ``inputs`` into the HDF5 file ``output``.
 
-    Does what ``vggfeat extract`` does, with the same defaults. Running it
-    again on the same output continues: images already stored (or recorded
-    as failed) are skipped. Raises a ``VggfeatError`` subclass for anything the
-    caller can fix, before any network is built where that can be known.
+    Does what ``vggfeat extract`` does, with the same defaults. Completed
+    images are committed every ``commit_every`` images (or 64 MB, or 30 s) and
+    the output is assembled when all are done, so running it again on the same
+    output after any interruption continues: images already stored (or
+    recorded as failed) are skipped. With ``update``, images whose size or
+    modification time changed are read again; with ``prune``, rows of files
+    that no longer exist are dropped.
+
+    Raises a ``VggfeatError`` subclass for anything the caller can fix, before
+    any network is built where that can be known, and ``Interrupted`` (a
+    ``KeyboardInterrupt``) after Ctrl-C or SIGTERM, once completed work is safe.
     """
     started = time.perf_counter()
     architecture = vgg(depth)
@@ -127,8 +153,8 @@ def extract(
     _check_choices(
         pool=pool, resize=resize, precision=precision, dtype=dtype, compression=compression
     )
-    if batch_size < 1 or (workers is not None and workers < 1):
-        raise VggfeatError("--batch-size and --workers must be at least 1")
+    if batch_size < 1 or commit_every < 1 or (workers is not None and workers < 1):
+        raise VggfeatError("--batch-size, --commit-every and --workers must be at least 1")
     architecture.check_image_size([cut.layer for cut in cuts], image_size)
     weights_kind, weights_file, weights_sha256 = _weights_identity(architecture, cuts, weights)
     paths = discover([os.fspath(p) for p in inputs], files_from)
@@ -172,60 +198,108 @@ def extract(
         compression=compression,
         overwrite=overwrite,
     )
-    try:
-        done = store.done
-        todo = [path for path in paths if path not in done]
-        if not todo:
-            return _nothing_to_do(store, len(paths), started)
-        # A run smaller than one batch needs no padding up to the full batch.
-        network = FeatureNetwork(
-            architecture,
-            cuts,
-            image_size,
-            min(batch_size, len(todo)),
-            pool,
-            weights,
-            seed,
-            precision,
-        )
-    except BaseException:
-        store.discard()
-        raise
-    try:
-        store.set_attributes(_versions() | {"weights_sha256": network.weights.sha256})
+    store.commit_images = commit_every
+    with _signals():
+        try:
+            done = store.done
+            todo = [path for path in paths if _needs_work(path, done, update)]
+            network = None
+            if todo:
+                # A run smaller than one batch needs no padding up to the full batch.
+                network = FeatureNetwork(
+                    architecture,
+                    cuts,
+                    image_size,
+                    min(batch_size, len(todo)),
+                    pool,
+                    weights,
+                    seed,
+                    precision,
+                )
+                store.set_attributes(_versions() | {"weights_sha256": network.weights.sha256})
+        except BaseException:
+            store.discard()
+            raise
         run = _Run(network, store, todo, image_size, resize, max_pixels, workers, on_progress)
-        run.go()
-    finally:
-        store.close()
+        try:
+            if network is not None:
+                run.go()
+            rows = store.finish(prune=_vanished if prune else None)
+        except (KeyboardInterrupt, Terminated) as stop:
+            store.commit()
+            store.close()
+            raise Interrupted(143 if isinstance(stop, Terminated) else 130, store.parts) from None
+        except BaseException:
+            store.close()
+            raise
     seconds = time.perf_counter() - started
     return Summary(
         output=store.path,
         stored=run.stored,
         failures=tuple(run.failures),
         skipped=len(paths) - len(todo),
-        rows=run.rows,
+        rows=rows,
         seconds=seconds,
         timings=Timings(seconds - run.seconds, run.waiting, run.computing, run.writing),
         file_bytes=store.path.stat().st_size,
-        weights=network.weights.file or network.weights.kind,
+        batch_size=network.batch_size if network else batch_size,
+        requested_batch_size=min(batch_size, len(todo)) if todo else batch_size,
     )
 
 
-def _nothing_to_do(store: FeatureStore, skipped: int, started: float) -> Summary:
-    """Every image is already in the file: close it without building a network."""
-    rows = store.rows
-    store.close()
-    seconds = time.perf_counter() - started
-    return Summary(
-        output=store.path,
-        stored=0,
-        failures=(),
-        skipped=skipped,
-        rows=rows,
-        seconds=seconds,
-        timings=Timings(seconds, 0.0, 0.0, 0.0),
-        file_bytes=store.path.stat().st_size,
-    )
+class Terminated(BaseException):
+    """SIGTERM arrived; the run stops as on Ctrl-C."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM after committing its completed work.
+
+    ``exit_code`` is 130 for Ctrl-C and 143 for SIGTERM; ``parts`` is the
+    folder that holds the committed work, from which the same call continues.
+    """
+
+    def __init__(self, exit_code: int, parts: Path) -> None:
+        super().__init__(exit_code, parts)
+        self.exit_code = exit_code
+        self.parts = parts
+
+
+@contextlib.contextmanager
+def _signals():
+    """SIGTERM stops the run like Ctrl-C; a file-size limit fails a write instead of killing us."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(_signum, _frame):
+        raise Terminated
+
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+        signal.SIGXFSZ: signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
+    }
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _needs_work(path: str, done: dict[str, Stamp], update: bool) -> bool:
+    """Whether ``path`` is new, or, with ``update``, changed since it was stored."""
+    if path not in done:
+        return True
+    if not update:
+        return False
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False  # gone: kept unless pruned
+    return Stamp(info.st_size, info.st_mtime_ns) != done[path]
+
+
+def _vanished(path: str) -> bool:
+    return not os.path.lexists(path)
 
 
 class _Run:
@@ -242,7 +316,6 @@ class _Run:
         self.on_progress = on_progress
         self.stored = 0
         self.failures: list[Failure] = []
-        self.rows = store.rows
         self.reported = 0
         self.waiting = self.computing = self.writing = self.seconds = 0.0
 
@@ -251,7 +324,12 @@ class _Run:
         batch: list[Decoded] = []
         # Enough decoded images in flight to fill the next batch while this one computes.
         window = 2 * self.network.batch_size + self.workers
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
+        # On a CPU the network's threads meet at barriers, and a decoding thread
+        # that preempts one stalls them all; niced decoding fills their idle gaps instead.
+        initializer = None if self.network.on_gpu else _yield_to_the_network
+        with ThreadPoolExecutor(
+            self.workers, thread_name_prefix="decode", initializer=initializer
+        ) as pool:
             pending: deque[Future] = deque()
             upcoming = iter(self.paths)
             try:
@@ -285,13 +363,24 @@ class _Run:
 
     def _compute(self, batch: list[Decoded], started: float) -> None:
         begun = time.perf_counter()
-        features = self.network(np.stack([image.pixels for image in batch]))
+        pixels = np.stack([image.pixels for image in batch])
+        while True:
+            try:
+                features = self.network(pixels)
+                break
+            except NetworkOutOfMemory as error:
+                if self.network.batch_size == 1:
+                    raise VggfeatError(
+                        "out of memory computing even one image at a time; use a smaller "
+                        "--image-size, an earlier --layer, or free the GPU's memory"
+                    ) from error
+                # The same images again, in smaller batches, for the rest of the run.
+                self.network.set_batch_size(self.network.batch_size // 2)
         computed = time.perf_counter()
-        self.store.append([image.path for image in batch], features)
+        self.store.append(batch, features)
         self.computing += computed - begun
         self.writing += time.perf_counter() - computed
         self.stored += len(batch)
-        self.rows += len(batch)
         self._report(started)
 
     def _report(self, started: float) -> None:
@@ -306,6 +395,12 @@ class _Run:
                     elapsed=time.perf_counter() - started,
                 )
             )
+
+
+def _yield_to_the_network() -> None:
+    """Lower the calling thread's CPU priority (Linux schedules threads one by one)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICENESS)
 
 
 def _cuts(architecture, names: Sequence[str]) -> list[Cut]:

@@ -20,12 +20,19 @@ from pathlib import Path
 @cache
 def tensorflow():
     """The ``tensorflow`` module, started with its devices found."""
-    with _muted_stderr(enabled="TF_CPP_MIN_LOG_LEVEL" not in os.environ):
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        import keras  # noqa: F401  (Keras starts TensorFlow's Python side too)
-        import tensorflow as tf
+    quiet = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+    with _muted_stderr(enabled=quiet):
+        if quiet:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+        try:
+            import keras  # noqa: F401  (Keras starts TensorFlow's Python side too)
+            import tensorflow as tf
 
-        tf.config.list_physical_devices()
+            tf.config.list_physical_devices()
+        finally:
+            if quiet:
+                # Child processes (a user's subprocess, say) start with the user's setting.
+                del os.environ["TF_CPP_MIN_LOG_LEVEL"]
     return tf
 
 
