@@ -126,21 +126,22 @@ class FeatureNetwork:
         A batch shorter than the batch size is padded, a longer one split.
         Raises ``NetworkOutOfMemory`` when the device cannot hold a batch.
         """
-        chunks = [
-            self._run(pixels[start : start + self.batch_size])
-            for start in range(0, len(pixels), self.batch_size)
-        ]
-        return [np.concatenate(outputs) for outputs in zip(*chunks, strict=True)]
-
-    def _run(self, pixels: np.ndarray) -> list[np.ndarray]:
         tf = tensorflow()
-        count = len(pixels)
-        if count < self.batch_size:
-            padding = np.zeros((self.batch_size - count, *pixels.shape[1:]), np.uint8)
-            pixels = np.concatenate([pixels, padding])
         try:
-            return [output.numpy()[:count] for output in self._forward(pixels)]
+            chunks = [
+                self._run(pixels[start : start + self.batch_size])
+                for start in range(0, len(pixels), self.batch_size)
+            ]
         except tf.errors.ResourceExhaustedError as error:
             raise NetworkOutOfMemory(
                 f"out of memory on a batch of {self.batch_size} images"
             ) from error
+        return [np.concatenate(outputs) for outputs in zip(*chunks, strict=True)]
+
+    def _run(self, pixels: np.ndarray) -> list[np.ndarray]:
+        """One padded batch through the compiled function."""
+        count = len(pixels)
+        if count < self.batch_size:
+            padding = np.zeros((self.batch_size - count, *pixels.shape[1:]), np.uint8)
+            pixels = np.concatenate([pixels, padding])
+        return [output.numpy()[:count] for output in self._forward(pixels)]

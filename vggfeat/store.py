@@ -28,7 +28,9 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -296,10 +298,18 @@ class FeatureStore:
         then every part's rows, in the order they were committed.
         """
         self.commit()
-        rows = _assemble(self.path, self._plan, self._base, self._part_files(), prune)
+        parts = self._part_files()
+        if self._base is not None and not parts and not self._prunes(prune):
+            rows = self.rows  # nothing new: the output stands as it is
+        else:
+            rows = _assemble(self.path, self._plan, self._base, parts, prune)
         shutil.rmtree(self.parts, ignore_errors=True)
         self.close()
         return rows
+
+    def _prunes(self, prune: Callable[[str], bool] | None) -> bool:
+        """Whether ``prune`` would drop any path of the existing output."""
+        return prune is not None and any(prune(path) for path in self.done)
 
     def close(self) -> None:
         """Release the lock; committed parts stay for the next run to continue from."""
@@ -323,14 +333,19 @@ def _parts_folder(path: Path) -> Path:
 
 
 def _check_writable(path: Path) -> None:
-    if path.is_dir():
+    if os.path.isdir(path):  # False, not an error, where the folder cannot be searched
         raise OutputError(
             f"output {path} is a folder; give a file name such as {path / 'features.h5'}"
         )
     parent = path.parent
-    if not parent.is_dir():
-        what = "is not a folder" if parent.exists() else "does not exist"
-        raise OutputError(f"cannot write output {path}: {parent} {what}")
+    try:
+        is_folder = stat.S_ISDIR(os.stat(parent).st_mode)
+    except FileNotFoundError:
+        raise OutputError(f"cannot write output {path}: {parent} does not exist") from None
+    except OSError as error:
+        raise OutputError(f"cannot write output {path}: {error.strerror or error}") from None
+    if not is_folder:
+        raise OutputError(f"cannot write output {path}: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write output {path}: no permission to write in {parent}")
 
@@ -437,20 +452,25 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def _write_error(error: OSError, output: Path, target: Path) -> OutputError:
+def _write_error(error: Exception, output: Path, target: Path) -> OutputError:
     kept = f"completed work is kept in {_parts_folder(output)}"
-    if error.errno == errno.ENOSPC:
+    code = getattr(error, "errno", None)
+    if code is None:  # HDF5 puts the system's errno in its message
+        found = re.search(r"errno = (\d+)", str(error))
+        code = int(found[1]) if found else None
+    if code == errno.ENOSPC:
         free = shutil.disk_usage(target.parent).free
         return OutputError(
             f"no space left on the disk holding {output} ({_size(free)} free); {kept}: "
             "free some space and run the same command to continue"
         )
-    if error.errno == errno.EFBIG:
+    if code == errno.EFBIG:
         return OutputError(
             f"file size limit reached writing {target} (see 'ulimit -f'); {kept}: "
             "raise the limit and run the same command to continue"
         )
-    return OutputError(f"cannot write {target}: {error.strerror or error}; {kept}")
+    reason = getattr(error, "strerror", None) or error
+    return OutputError(f"cannot write {target}: {reason}; {kept}")
 
 
 def _require_space(folder: Path, need: int, output: Path, purpose: str) -> None:
@@ -524,7 +544,8 @@ def _assemble(
             os.fsync(file.fileno())
         os.replace(temporary, path)
         _fsync_folder(path.parent)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
+        # HDF5 reports a failed write as OSError, or as RuntimeError when closing.
         temporary.unlink(missing_ok=True)
         raise _write_error(error, path, temporary) from error
     except BaseException:
