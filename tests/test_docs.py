@@ -41,3 +41,31 @@ def test_code_is_ruff_clean():
         [sys.executable, "-m", "ruff", "check", str(ROOT)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout
+
+
+def test_every_option_is_in_the_readme():
+    for name, command in cli.commands.items():
+        for parameter in command.params:
+            for option in parameter.opts:
+                if option.startswith("--") and option != "--help":
+                    assert option in README, f"vggfeat {name} {option} is not in README.md"
+
+
+def test_the_benchmark_suite_runs():
+    # A smoke run keeps benchmarks/run.py working; no test asserts a speed.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--profile", "smoke", "--no-record"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    for row in (
+        "1. network alone",
+        "3. Keras recipe, batched",
+        "4. vggfeat extract",
+        "7. peak memory",
+        "8. vggfeat --help",
+    ):
+        assert row in result.stdout

@@ -16,6 +16,9 @@ from tests.conftest import reference_model
 from vggfeat.cli import ExitCode, cli
 from vggfeat.pipeline import Interrupted, Progress, extract
 
+#: A cut that is quick on tiny images.
+TINY = ["--layer", "pool1", "--image-size", "32", "--weights", "random"]
+
 
 def invoke(*args: str, input: str | None = None):
     return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
@@ -159,18 +162,7 @@ def test_file_attributes_and_dataset_layout(tmp_path):
 def test_failures_are_recorded_and_strict_exits_3(tmp_path):
     paths = make_images(tmp_path / "photos", 2)
     (tmp_path / "photos" / "broken.jpg").write_text("not an image")
-    args = [
-        "extract",
-        str(tmp_path / "photos"),
-        "-o",
-        str(tmp_path / "f.h5"),
-        "--layer",
-        "pool1",
-        "--image-size",
-        "32",
-        "--weights",
-        "random",
-    ]
+    args = ["extract", str(tmp_path / "photos"), "-o", str(tmp_path / "f.h5"), *TINY]
     result = invoke(*args)
     assert result.exit_code == 0
     assert "Stored 2 images" in result.output and "1 failed" in result.output
@@ -268,12 +260,7 @@ def test_files_from_stdin(tmp_path):
         "-",
         "-o",
         str(tmp_path / "f.h5"),
-        "--layer",
-        "pool1",
-        "--image-size",
-        "32",
-        "--weights",
-        "random",
+        *TINY,
         input=f"{paths[2]}\n{paths[0]}\n",
     )
     assert result.exit_code == 0, result.output

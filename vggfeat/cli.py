@@ -63,6 +63,13 @@ def depth_option(command):
     )(command)
 
 
+def choice_option(name: str, choices: tuple[str, ...], help: str):
+    """An option taking one of ``choices``, the first being the default."""
+    return click.option(
+        name, type=click.Choice(choices), default=choices[0], show_default=True, help=help
+    )
+
+
 def image_size_option(command):
     return click.option(
         "--image-size",
@@ -226,12 +233,8 @@ def _giga(count: int) -> str:
     metavar="NAME",
     help="Cut point: fc7, pool5, conv5_3, ... or a Keras name; repeat for several in one pass.",
 )
-@click.option(
-    "--pool",
-    type=click.Choice(POOLINGS),
-    default="none",
-    show_default=True,
-    help="Pool conv maps over space: none stores (N, H, W, C), avg/max store (N, C).",
+@choice_option(
+    "--pool", POOLINGS, "Pool conv maps over space: none stores (N, H, W, C), avg/max store (N, C)."
 )
 @click.option(
     "--weights",
@@ -250,34 +253,18 @@ def _giga(count: int) -> str:
     help="Images per network call.",
 )
 @image_size_option
-@click.option(
+@choice_option(
     "--resize",
-    type=click.Choice(RESIZE_MODES),
-    default="squash",
-    show_default=True,
-    help="squash: stretch to the square; crop: shorter side, centre crop; letterbox: fit, pad.",
+    RESIZE_MODES,
+    "squash: stretch to the square; crop: shorter side, centre crop; letterbox: fit, pad.",
 )
-@click.option(
+@choice_option(
     "--precision",
-    type=click.Choice(PRECISIONS),
-    default="float32",
-    show_default=True,
-    help="mixed: float16 on a GPU, bfloat16 on a CPU; faster, slightly different numbers.",
+    PRECISIONS,
+    "mixed: float16 on a GPU, bfloat16 on a CPU; faster, slightly different numbers.",
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(STORED_DTYPES),
-    default="float32",
-    show_default=True,
-    help="How features are stored; float16 halves the file.",
-)
-@click.option(
-    "--compression",
-    type=click.Choice(COMPRESSIONS),
-    default="none",
-    show_default=True,
-    help="HDF5 compression of the features.",
-)
+@choice_option("--dtype", STORED_DTYPES, "How features are stored; float16 halves the file.")
+@choice_option("--compression", COMPRESSIONS, "HDF5 compression of the features.")
 @click.option(
     "--files-from",
     type=click.File("r", encoding="utf-8", errors="surrogateescape"),

@@ -113,6 +113,8 @@ class FeatureNetwork:
             return features
 
         self.batch_size = batch_size
+        # Trace now, so that start-up, not the first batch, pays for it.
+        forward.get_concrete_function()
         self._forward = forward
 
     @property
