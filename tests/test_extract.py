@@ -286,3 +286,28 @@ def test_mixed_precision_stays_close_to_float32(tmp_path):
     mixed = vggfeat.load(tmp_path / "mixed.h5").features["conv3_1"]
     cosine = (full * mixed).sum(1) / np.linalg.norm(full, axis=1) / np.linalg.norm(mixed, axis=1)
     assert cosine.min() > 0.99 and not np.array_equal(full, mixed)
+
+
+def test_an_interrupted_overwrite_keeps_the_old_file_and_continues(tmp_path):
+    make_images(tmp_path / "photos", 6)
+    options = {"layers": ["pool1"], "image_size": 32, "weights": "random", "batch_size": 2}
+    output = tmp_path / "f.h5"
+    extract([tmp_path / "photos"], output, pool="avg", **options)
+
+    def interrupt(progress: Progress) -> None:
+        if progress.done >= 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        extract(
+            [tmp_path / "photos"],
+            output,
+            pool="max",
+            overwrite=True,
+            on_progress=interrupt,
+            **options,
+        )
+    assert vggfeat.load(output).attributes["pooling"] == "avg"  # replaced only when complete
+    again = extract([tmp_path / "photos"], output, pool="max", overwrite=True, **options)
+    assert (again.skipped, again.stored, again.rows) == (4, 2, 6)
+    assert vggfeat.load(output).attributes["pooling"] == "max"

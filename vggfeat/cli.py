@@ -338,10 +338,12 @@ def extract(inputs, output, files_from, strict, quiet, **options) -> None:
                 **options,
             )
     except Interrupted as stop:
-        click.echo(
-            f"Stopped. Completed work is kept in {stop.parts}; run the same command to continue.",
-            err=True,
+        kept = (
+            f"Completed work is kept in {stop.parts}; run the same command to continue."
+            if stop.parts.exists()
+            else "No image was finished."
         )
+        click.echo(f"Stopped. {kept}", err=True)
         sys.exit(stop.exit_code)
     if not quiet:
         _print_summary(summary)

@@ -160,7 +160,6 @@ def extract(
     paths = discover([os.fspath(p) for p in inputs], files_from)
     allow_pixels(max_pixels)
 
-    catalogue = architecture.catalogue(image_size)
     settings = Settings(
         depth=depth,
         layers=tuple(cut.label for cut in cuts),
@@ -174,21 +173,10 @@ def extract(
         precision=precision,
         dtype=dtype,
     )
-    feature_sets = [
-        FeatureSet(
-            cut.label,
-            cut.layer.name,
-            pool if cut.pools(pool) else "none",
-            catalogue.facts(cut.layer).output_shape[-1:]
-            if cut.pools(pool)
-            else catalogue.facts(cut.layer).output_shape,
-        )
-        for cut in cuts
-    ]
     store = FeatureStore.open(
         output,
         settings,
-        feature_sets,
+        _feature_sets(architecture.catalogue(image_size), cuts, pool),
         attributes={
             "resampling": RESAMPLING,
             "preprocessing": PREPROCESSING,
@@ -199,11 +187,11 @@ def extract(
         overwrite=overwrite,
     )
     store.commit_images = commit_every
+    network = None
     with _signals():
         try:
             done = store.done
             todo = [path for path in paths if _needs_work(path, done, update)]
-            network = None
             if todo:
                 # A run smaller than one batch needs no padding up to the full batch.
                 network = FeatureNetwork(
@@ -217,20 +205,19 @@ def extract(
                     precision,
                 )
                 store.set_attributes(_versions() | {"weights_sha256": network.weights.sha256})
-        except BaseException:
-            store.discard()
-            raise
-        run = _Run(network, store, todo, image_size, resize, max_pixels, workers, on_progress)
-        try:
+            run = _Run(network, store, todo, image_size, resize, max_pixels, workers, on_progress)
             if network is not None:
                 run.go()
             rows = store.finish(prune=_vanished if prune else None)
         except (KeyboardInterrupt, Terminated) as stop:
-            store.commit()
-            store.close()
-            raise Interrupted(143 if isinstance(stop, Terminated) else 130, store.parts) from None
+            try:
+                store.commit()
+            finally:
+                store.discard()
+            code = 143 if isinstance(stop, Terminated) else 130
+            raise Interrupted(code, store.parts) from None
         except BaseException:
-            store.close()
+            store.discard()
             raise
     seconds = time.perf_counter() - started
     return Summary(
@@ -283,6 +270,23 @@ def _signals():
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def _feature_sets(catalogue, cuts: list[Cut], pool: str) -> list[FeatureSet]:
+    """The output's datasets: per cut, its name, layer, pooling and per-image shape."""
+    sets = []
+    for cut in cuts:
+        shape = catalogue.facts(cut.layer).output_shape
+        pooled = cut.pools(pool)
+        sets.append(
+            FeatureSet(
+                cut.label,
+                cut.layer.name,
+                pool if pooled else "none",
+                shape[-1:] if pooled else shape,
+            )
+        )
+    return sets
 
 
 def _needs_work(path: str, done: dict[str, Stamp], update: bool) -> bool:

@@ -185,6 +185,7 @@ class FeatureStore:
                 "feature_sets": [asdict(fs) for fs in feature_sets],
                 "attributes": attributes,
                 "compression": compression,
+                "overwrite": overwrite,
             }
             plan = _continue_parts(parts, path, plan, settings, overwrite)
             base = None if overwrite else _existing_output(path, settings, plan["id"], parts)
@@ -377,16 +378,17 @@ def _continue_parts(
     for leftover in parts.glob("*.tmp"):
         leftover.unlink(missing_ok=True)  # a part or plan a killed run was writing
     record = parts / "run.json"
-    if record.exists() and not overwrite:
+    if record.exists():
         earlier = json.loads(record.read_text())
         differences = Settings.from_dict(earlier["settings"]).differences(settings)
-        if differences:
+        if not differences and earlier["overwrite"] == overwrite:
+            return earlier
+        if differences and not overwrite:
             raise OutputError(
                 f"output {path} has an unfinished run with other settings "
                 f"({'; '.join(differences)}); run with those settings to finish it, "
                 "or --overwrite to start again"
             )
-        return earlier
     for stale in parts.glob("part-*.npz"):
         stale.unlink()
     _write_atomically(record, lambda file: file.write(json.dumps(plan).encode()), path)
