@@ -423,7 +423,8 @@ def _print_summary(summary) -> None:
     timings = summary.timings
     if summary.skipped and not summary.stored and not summary.failures:
         console.print(
-            f"Nothing to do: all {summary.skipped:,} images are already in {summary.output}."
+            f"Nothing new: all {summary.skipped:,} images are already in {summary.output} "
+            f"({summary.rows:,} rows)."
         )
         return
     console.print(

@@ -276,11 +276,12 @@ class FeatureStore:
             "failed_size": np.array([f.size for f in self._failures], np.int64),
             "failed_mtime_ns": np.array([f.mtime_ns for f in self._failures], np.int64),
         }
+        dtype = np.dtype(self._plan["settings"]["dtype"])
         for index, feature_set in enumerate(self._plan["feature_sets"]):
-            shape = (0, *feature_set["shape"])
-            parts = [features[index] for _, features in self._buffer]
-            dtype = np.dtype(self._plan["settings"]["dtype"])
-            arrays[f"features_{index}"] = np.concatenate(parts) if parts else np.zeros(shape, dtype)
+            batches = [features[index] for _, features in self._buffer]
+            arrays[f"features_{index}"] = (
+                np.concatenate(batches) if batches else np.zeros((0, *feature_set["shape"]), dtype)
+            )
         need = sum(a.nbytes for a in arrays.values()) + RESERVE_BYTES
         _require_space(self.parts, need, self.path, "commit the latest images")
         name = self.parts / f"part-{self._next_part:06d}.npz"
