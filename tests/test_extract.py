@@ -13,8 +13,11 @@ from PIL import Image
 
 import vggfeat
 from tests.conftest import reference_model
+from vggfeat import network as network_module
 from vggfeat.cli import ExitCode, cli
+from vggfeat.network import compute_dtype
 from vggfeat.pipeline import Interrupted, Progress, extract
+from vggfeat.runtime import cpu_has_fast_bfloat16
 
 #: A cut that is quick on tiny images.
 TINY = ["--layer", "pool1", "--image-size", "32", "--weights", "random"]
@@ -152,7 +155,8 @@ def test_file_attributes_and_dataset_layout(tmp_path):
     assert attrs["depth"] == 16 and list(attrs["layers"]) == ["conv1_2"]
     assert (attrs["weights"], attrs["seed"], attrs["pooling"]) == ("random", 5, "avg")
     assert (attrs["image_size"], attrs["resize"], attrs["dtype"]) == (32, "squash", "float16")
-    assert attrs["precision"] == "float32" and "103.939" in attrs["preprocessing"]
+    assert attrs["precision"] == attrs["compute_dtype"] == "float32"
+    assert "103.939" in attrs["preprocessing"]
     assert attrs["keras_version"] == keras.__version__
     assert attrs["vggfeat_version"] == vggfeat.__version__
     for key in ("tensorflow_version", "created", "command", "weights_file", "weights_sha256"):
@@ -285,7 +289,21 @@ def test_mixed_precision_stays_close_to_float32(tmp_path):
     full = vggfeat.load(tmp_path / "full.h5").features["conv3_1"]
     mixed = vggfeat.load(tmp_path / "mixed.h5").features["conv3_1"]
     cosine = (full * mixed).sum(1) / np.linalg.norm(full, axis=1) / np.linalg.norm(mixed, axis=1)
-    assert cosine.min() > 0.99 and not np.array_equal(full, mixed)
+    assert cosine.min() > 0.99
+    assert vggfeat.load(tmp_path / "mixed.h5").attributes["compute_dtype"] == compute_dtype(
+        "mixed", on_gpu=False
+    )
+    if cpu_has_fast_bfloat16():
+        assert not np.array_equal(full, mixed)
+
+
+def test_mixed_precision_computes_in_what_the_hardware_does_fast(monkeypatch):
+    assert compute_dtype("float32", on_gpu=True) == "float32"
+    assert compute_dtype("mixed", on_gpu=True) == "float16"
+    monkeypatch.setattr(network_module, "cpu_has_fast_bfloat16", lambda: True)
+    assert compute_dtype("mixed", on_gpu=False) == "bfloat16"
+    monkeypatch.setattr(network_module, "cpu_has_fast_bfloat16", lambda: False)
+    assert compute_dtype("mixed", on_gpu=False) == "float32"
 
 
 def test_an_interrupted_overwrite_keeps_the_old_file_and_continues(tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 
 from vggfeat.architecture import Architecture, Layer
 from vggfeat.errors import VggfeatError
-from vggfeat.runtime import gpus, tensorflow
+from vggfeat.runtime import cpu_has_fast_bfloat16, gpus, tensorflow
 from vggfeat.weights import WeightsRecord, apply_weights
 
 Pooling = Literal["none", "avg", "max"]
@@ -45,10 +45,16 @@ class Cut:
 
 
 def compute_dtype(precision: Precision, on_gpu: bool) -> str:
-    """The dtype the layers compute in: float16 on a GPU, bfloat16 on a CPU, for mixed."""
+    """The dtype the layers compute in, for mixed: float16 on a GPU, bfloat16 on a CPU.
+
+    A CPU without bfloat16 units would only emulate it, slower than float32,
+    so there mixed precision computes in float32.
+    """
     if precision == "float32":
         return "float32"
-    return "float16" if on_gpu else "bfloat16"
+    if on_gpu:
+        return "float16"
+    return "bfloat16" if cpu_has_fast_bfloat16() else "float32"
 
 
 class NetworkOutOfMemory(VggfeatError):
@@ -77,7 +83,7 @@ class FeatureNetwork:
         self.pool = pool
         self.on_gpu = bool(gpus())
         self.compute_dtype = compute_dtype(precision, self.on_gpu)
-        policy = None if precision == "float32" else f"mixed_{self.compute_dtype}"
+        policy = None if self.compute_dtype == "float32" else f"mixed_{self.compute_dtype}"
 
         deepest = max((cut.layer for cut in cuts), key=architecture.layers.index)
         model = architecture.build(

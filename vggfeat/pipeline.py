@@ -204,7 +204,13 @@ def extract(
                     seed,
                     precision,
                 )
-                store.set_attributes(_versions() | {"weights_sha256": network.weights.sha256})
+                store.set_attributes(
+                    _versions()
+                    | {
+                        "weights_sha256": network.weights.sha256,
+                        "compute_dtype": network.compute_dtype,
+                    }
+                )
             run = _Run(network, store, todo, image_size, resize, max_pixels, workers, on_progress)
             if network is not None:
                 run.go()
