@@ -259,19 +259,17 @@ def _assign(
     for_depth = f"; the file holds {file_convs} conv layers, " + (
         f"as VGG{file_depth} does (--depth {file_depth})" if file_depth else "as no VGG does"
     )
-    position = {"conv": 0, "dense": 0}
+    upcoming = {kind: iter(queue) for kind, queue in by_kind.items()}
     for layer in layers:
-        kind = "conv" if layer.kind == "conv" else "dense"
-        queue = by_kind[kind]
         keras_layer = model.get_layer(layer.name)
         expected = [variable.shape for variable in keras_layer.weights]
-        if position[kind] >= len(queue):
-            hint = "; a no-top file serves cuts up to pool5 only" if kind == "dense" else for_depth
+        candidate = next(upcoming[layer.kind], None)
+        if candidate is None:
+            no_top = layer.kind == "dense"
+            hint = "; a no-top file serves cuts up to pool5 only" if no_top else for_depth
             raise WeightsMismatchError(
                 f"weights file {path} has no weights for {layer.name} ({layer.alias}){hint}"
             )
-        candidate = queue[position[kind]]
-        position[kind] += 1
         shapes_fit = [a.shape for a in candidate.arrays] == [tuple(s) for s in expected]
         if not shapes_fit or candidate.name not in (None, layer.name):
             raise WeightsMismatchError(
