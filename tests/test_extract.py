@@ -329,3 +329,19 @@ def test_an_interrupted_overwrite_keeps_the_old_file_and_continues(tmp_path):
     again = extract([tmp_path / "photos"], output, pool="max", overwrite=True, **options)
     assert (again.skipped, again.stored, again.rows) == (4, 2, 6)
     assert vggfeat.load(output).attributes["pooling"] == "max"
+
+
+def test_one_trace_for_every_batch_including_a_short_last_one():
+    from vggfeat.architecture import vgg
+    from vggfeat.network import Cut, FeatureNetwork
+
+    architecture = vgg(16)
+    network = FeatureNetwork(
+        architecture, [Cut("pool1", architecture.layer("pool1"))], 32, 4, weights="random"
+    )
+    pixels = np.random.default_rng(0).integers(0, 256, (11, 32, 32, 3), np.uint8)
+    whole = network(pixels)[0]  # batches of 4, 4 and a padded 3
+    assert network.traces == 1
+    one_by_one = np.concatenate([network(pixels[i : i + 1])[0] for i in range(len(pixels))])
+    assert network.traces == 1
+    np.testing.assert_allclose(whole, one_by_one, rtol=1e-5, atol=1e-5)
