@@ -345,3 +345,14 @@ def test_one_trace_for_every_batch_including_a_short_last_one():
     one_by_one = np.concatenate([network(pixels[i : i + 1])[0] for i in range(len(pixels))])
     assert network.traces == 1
     np.testing.assert_allclose(whole, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+def test_an_output_that_is_not_a_vggfeat_file_is_left_alone(tmp_path):
+    make_images(tmp_path / "photos", 1)
+    (tmp_path / "notes.h5").write_text("my notes")
+    h5py.File(tmp_path / "other.h5", "w").close()
+    for name in ("notes.h5", "other.h5"):
+        result = invoke("extract", str(tmp_path / "photos"), "-o", str(tmp_path / name), *TINY)
+        assert result.exit_code == ExitCode.ERROR
+        assert "exists and is not a vggfeat file" in result.output
+    assert (tmp_path / "notes.h5").read_text() == "my notes"

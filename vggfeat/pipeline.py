@@ -47,7 +47,7 @@ from vggfeat.store import (
     Settings,
     Stamp,
 )
-from vggfeat.weights import file_sha256, published_file
+from vggfeat.weights import identify_weights
 
 #: How much lower than the network decoding threads run when the network is on the CPU.
 DECODE_NICENESS = 10
@@ -156,7 +156,7 @@ def extract(
     if batch_size < 1 or commit_every < 1 or (workers is not None and workers < 1):
         raise VggfeatError("--batch-size, --commit-every and --workers must be at least 1")
     architecture.check_image_size([cut.layer for cut in cuts], image_size)
-    weights_kind, weights_file, weights_sha256 = _weights_identity(architecture, cuts, weights)
+    named = identify_weights(architecture, any(cut.layer.is_top for cut in cuts), weights, seed)
     paths = discover([os.fspath(p) for p in inputs], files_from)
     allow_pixels(max_pixels)
 
@@ -164,9 +164,9 @@ def extract(
         depth=depth,
         layers=tuple(cut.label for cut in cuts),
         pooling=pool,
-        weights=weights_kind,
-        weights_file=weights_file,
-        weights_sha256=weights_sha256,
+        weights=named.kind,
+        weights_file=named.file,
+        weights_sha256=named.sha256,
         seed=seed,
         image_size=image_size,
         resize=resize,
@@ -437,21 +437,6 @@ def _check_choices(**chosen: str) -> None:
     for option, value in chosen.items():
         if value not in allowed[option]:
             raise VggfeatError(f"--{option} {value} is not one of {', '.join(allowed[option])}")
-
-
-def _weights_identity(architecture, cuts: list[Cut], weights) -> tuple[str, str, str]:
-    """(kind, file name, SHA-256) of the weights, known before the network is built."""
-    if weights == "random":
-        return "random", "", ""
-    if weights == "imagenet":
-        top = any(cut.layer.is_top for cut in cuts)
-        return "imagenet", published_file(architecture, top).fname, ""
-    path = Path(weights)
-    if not path.is_file():
-        raise VggfeatError(
-            f"weights file {path} does not exist; --weights takes imagenet, random or a path"
-        )
-    return "file", path.name, file_sha256(path)
 
 
 def _versions() -> dict[str, str]:

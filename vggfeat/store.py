@@ -402,20 +402,18 @@ def _existing_output(path: Path, settings: Settings, plan_id: str, parts: Path) 
 
     if not path.exists():
         return None
-    if not h5py.is_hdf5(path):
+    stored = None
+    if h5py.is_hdf5(path):
+        with h5py.File(path, "r") as file:
+            if file.attrs.get("format") == "vggfeat" and "settings" in file.attrs:
+                stored = Settings.from_dict(json.loads(file.attrs["settings"]))
+                assembled = file.attrs.get("parts_id") == plan_id
+    if stored is None:
         raise OutputError(
             f"output {path} exists and is not a vggfeat file; "
             "choose another -o, or --overwrite to replace it"
         )
-    with h5py.File(path, "r") as file:
-        if file.attrs.get("format") != "vggfeat" or "settings" not in file.attrs:
-            raise OutputError(
-                f"output {path} exists and is not a vggfeat file; "
-                "choose another -o, or --overwrite to replace it"
-            )
-        stored = Settings.from_dict(json.loads(file.attrs["settings"]))
-        differences = stored.differences(settings)
-        assembled = file.attrs.get("parts_id") == plan_id
+    differences = stored.differences(settings)
     if differences:
         raise OutputError(
             f"output {path} was written with other settings ({'; '.join(differences)}); "

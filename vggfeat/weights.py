@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -123,17 +124,34 @@ def apply_weights(
     ``weights`` is ``"imagenet"``, ``"random"`` (the model keeps the weights it
     was built with under ``seed``) or a path to a weights file.
     """
-    if weights == "random":
-        return WeightsRecord("random", "", "", seed)
     layers = _weighted_layers(model, architecture)
-    if weights == "imagenet":
-        path = fetch_imagenet(published_file(architecture, any(layer.is_top for layer in layers)))
-        kind: WeightsKind = "imagenet"
+    needs_top = any(layer.is_top for layer in layers)
+    named = identify_weights(architecture, needs_top, weights, seed)
+    if named.kind == "random":
+        return named
+    if named.kind == "imagenet":
+        path = fetch_imagenet(published_file(architecture, needs_top))
     else:
         path = Path(weights)
-        kind = "file"
     _assign(model, layers, read_weights_file(path), architecture, path)
-    return WeightsRecord(kind, path.name, file_sha256(path))
+    return WeightsRecord(named.kind, path.name, file_sha256(path))
+
+
+def identify_weights(
+    architecture: Architecture, needs_top: bool, weights: str | os.PathLike, seed: int = 0
+) -> WeightsRecord:
+    """What ``weights`` names, known before any network is built.
+
+    An ImageNet file's hash is known only once it is fetched, so it is '' here.
+    Raises for VGG11/13 ImageNet weights and for a file that does not exist.
+    """
+    if weights == "random":
+        return WeightsRecord("random", "", "", seed)
+    if weights == "imagenet":
+        return WeightsRecord("imagenet", published_file(architecture, needs_top).fname, "")
+    path = Path(weights)
+    _require_file(path)
+    return WeightsRecord("file", path.name, file_sha256(path))
 
 
 def fetch_imagenet(published: PublishedFile) -> Path:
@@ -168,10 +186,7 @@ def read_weights_file(path: Path) -> list[StoredLayer]:
     """
     import h5py
 
-    if not path.is_file():
-        raise WeightsUnavailableError(
-            f"weights file {path} does not exist; --weights takes imagenet, random or a path"
-        )
+    _require_file(path)
     try:
         with h5py.File(path, "r") as file:
             root = file.get("model_weights", file)
@@ -192,11 +207,25 @@ def read_weights_file(path: Path) -> list[StoredLayer]:
 
 
 def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read once per version of it (path, size, modification time)."""
+    info = path.stat()
+    return _sha256(str(path.resolve()), info.st_size, info.st_mtime_ns)
+
+
+@cache
+def _sha256(path: str, _size: int, _mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as file:
+    with open(path, "rb") as file:
         while chunk := file.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"weights file {path} does not exist; --weights takes imagenet, random or a path"
+        )
 
 
 def _text(value: bytes | str) -> str:
