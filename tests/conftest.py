@@ -18,6 +18,16 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def stored_paths(paths, output) -> list[str]:
+    """Paths as a file at ``output`` stores them: relative to its folder (all tests stay inside)."""
+    return [os.path.relpath(path, Path(output).parent) for path in paths]
+
+
+def absolute_paths(paths, output) -> list[str]:
+    """Stored paths made absolute again, by joining them to the folder of the file at ``output``."""
+    return [os.path.normpath(os.path.join(Path(output).parent, path)) for path in paths]
+
+
 @cache
 def reference_model(depth: int, include_top: bool, image_size: int = 224, seed: int = 1):
     """``keras.applications.VGG16``/``VGG19`` with seeded kernels and non-zero biases.

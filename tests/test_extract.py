@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import vggfeat
-from tests.conftest import reference_model
+from tests.conftest import reference_model, stored_paths
 from vggfeat import network as network_module
 from vggfeat.cli import ExitCode, cli
 from vggfeat.network import compute_dtype
@@ -76,7 +76,7 @@ def test_fc7_and_pool5_equal_keras_vgg16(tmp_path, weight_files):
     )
     assert result.exit_code == 0, result.output
     loaded_paths, features = vggfeat.load(output)
-    assert loaded_paths == paths
+    assert loaded_paths == stored_paths(paths, output)
     pixels = pixels_of(paths)
     for name, layer in (("fc7", "fc2"), ("pool5", "block5_pool")):
         expected = keras_features(16, True, 224, layer, pixels)
@@ -98,9 +98,9 @@ def test_rows_align_with_paths_across_batches_and_a_padded_last_batch(tmp_path, 
         weights=weight_files(16),
         workers=3,
     )
-    assert (summary.stored, summary.rows, summary.failures) == (7, 7, ())
+    assert (summary.computed, summary.stored, summary.rows, summary.failures) == (7, 7, 7, ())
     loaded = vggfeat.load(output)
-    assert loaded.paths == paths
+    assert loaded.paths == stored_paths(paths, output)
     expected = keras_features(16, False, 32, "block1_pool", pixels_of(paths), pool="mean")
     np.testing.assert_allclose(loaded.features["pool1"], expected, rtol=1e-5, atol=1e-4)
 
@@ -151,11 +151,13 @@ def test_file_attributes_and_dataset_layout(tmp_path):
         assert dataset.dtype == np.float16 and dataset.compression == "gzip"
         assert dataset.chunks is not None and dataset.maxshape == (None, 64)
         assert dict(dataset.attrs) == {"keras_layer": "block1_conv2", "pooling": "avg"}
-        assert file["paths"].dtype.kind == "O" and len(file["failed/paths"]) == 0
+        assert file["paths"].asstr()[()].tolist() == ["photos/img000.png", "photos/img001.png"]
+        assert len(file["failed/paths"]) == 0 and list(file["committed"]) == [2, 0]
     assert attrs["depth"] == 16 and list(attrs["layers"]) == ["conv1_2"]
     assert (attrs["weights"], attrs["seed"], attrs["pooling"]) == ("random", 5, "avg")
     assert (attrs["image_size"], attrs["resize"], attrs["dtype"]) == (32, "squash", "float16")
     assert attrs["precision"] == attrs["compute_dtype"] == "float32"
+    assert attrs["format_version"] == 3
     assert "103.939" in attrs["preprocessing"]
     assert attrs["keras_version"] == keras.__version__
     assert attrs["vggfeat_version"] == vggfeat.__version__
@@ -169,11 +171,12 @@ def test_failures_are_recorded_and_strict_exits_3(tmp_path):
     args = ["extract", str(tmp_path / "photos"), "-o", str(tmp_path / "f.h5"), *TINY]
     result = invoke(*args)
     assert result.exit_code == 0
-    assert "Stored 2 images" in result.output and "1 failed" in result.output
+    assert "2 new rows, 2 rows in all" in result.output
+    assert "2 images computed, 1 failed, 0 already done" in result.output
     assert "broken.jpg: not an image" in result.output
     loaded = vggfeat.load(tmp_path / "f.h5")
-    assert loaded.paths == paths
-    assert list(loaded.failed) == [str(tmp_path / "photos" / "broken.jpg")]
+    assert loaded.paths == stored_paths(paths, tmp_path / "f.h5")
+    assert list(loaded.failed) == ["photos/broken.jpg"]
     result = invoke(*args, "--strict", "--overwrite")
     assert result.exit_code == ExitCode.SOME_FAILED
 
@@ -226,12 +229,12 @@ def test_continuing_skips_what_is_done_and_matches_an_uninterrupted_run(tmp_path
     assert stopped.value.exit_code == 130 and stopped.value.parts == tmp_path / "f.h5.parts"
     assert not (tmp_path / "f.h5").exists()
     resumed = extract([tmp_path / "photos"], tmp_path / "f.h5", **options)
-    assert (resumed.stored, resumed.skipped, resumed.rows) == (3, 4, 7)
+    assert (resumed.computed, resumed.already, resumed.stored, resumed.rows) == (3, 4, 7, 7)
     loaded, reference = vggfeat.load(tmp_path / "f.h5"), vggfeat.load(clean.output)
-    assert loaded.paths == reference.paths == paths
+    assert loaded.paths == reference.paths == stored_paths(paths, tmp_path / "f.h5")
     np.testing.assert_allclose(loaded.features["pool1"], reference.features["pool1"], rtol=1e-5)
     again = extract([tmp_path / "photos"], tmp_path / "f.h5", **options)
-    assert (again.stored, again.skipped) == (0, 7)
+    assert (again.computed, again.stored, again.already) == (0, 0, 7)
 
 
 def test_other_settings_are_refused_unless_overwrite(tmp_path):
@@ -268,7 +271,7 @@ def test_files_from_stdin(tmp_path):
         input=f"{paths[2]}\n{paths[0]}\n",
     )
     assert result.exit_code == 0, result.output
-    assert vggfeat.load(tmp_path / "f.h5").paths == [paths[2], paths[0]]
+    assert vggfeat.load(tmp_path / "f.h5").paths == ["photos/img002.png", "photos/img000.png"]
 
 
 def test_fc_layers_at_another_size_fail_clearly(tmp_path):
@@ -327,7 +330,7 @@ def test_an_interrupted_overwrite_keeps_the_old_file_and_continues(tmp_path):
         )
     assert vggfeat.load(output).attributes["pooling"] == "avg"  # replaced only when complete
     again = extract([tmp_path / "photos"], output, pool="max", overwrite=True, **options)
-    assert (again.skipped, again.stored, again.rows) == (4, 2, 6)
+    assert (again.already, again.computed, again.stored, again.rows) == (4, 2, 6, 6)
     assert vggfeat.load(output).attributes["pooling"] == "max"
 
 
@@ -354,5 +357,6 @@ def test_an_output_that_is_not_a_vggfeat_file_is_left_alone(tmp_path):
     for name in ("notes.h5", "other.h5"):
         result = invoke("extract", str(tmp_path / "photos"), "-o", str(tmp_path / name), *TINY)
         assert result.exit_code == ExitCode.ERROR
-        assert "exists and is not a vggfeat file" in result.output
+        assert f"{tmp_path / name} is not a vggfeat file" in result.output
+        assert sorted(os.listdir(tmp_path)) == ["notes.h5", "other.h5", "photos"]
     assert (tmp_path / "notes.h5").read_text() == "my notes"

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 import vggfeat
+from tests.conftest import absolute_paths
 from vggfeat.errors import VggfeatError
 from vggfeat.network import FeatureNetwork
 from vggfeat.pipeline import extract
@@ -107,9 +108,11 @@ def wait_for_parts(process: subprocess.Popen, output: Path, count: int, limit: f
 
 def assert_same_result(output: Path, reference: Path) -> None:
     got, expected = vggfeat.load(output), vggfeat.load(reference)
-    assert got.paths == expected.paths
+    assert absolute_paths(got.paths, output) == absolute_paths(expected.paths, reference)
     assert len(set(got.paths)) == len(got.paths)
-    assert got.failed == expected.failed
+    assert dict(zip(absolute_paths(got.failed, output), got.failed.values(), strict=True)) == dict(
+        zip(absolute_paths(expected.failed, reference), expected.failed.values(), strict=True)
+    )
     for name, values in expected.features.items():
         np.testing.assert_allclose(got.features[name], values, rtol=1e-5, atol=1e-6)
 
@@ -312,7 +315,7 @@ def test_running_out_of_memory_halves_the_batch(tmp_path, monkeypatch):
         extract([photos], tmp_path / "hopeless.h5", batch_size=4, **options)
 
 
-def test_update_reads_changed_and_new_images_and_prune_drops_vanished(tmp_path):
+def test_update_replaces_changed_rows_in_place_and_prune_drops_vanished(tmp_path):
     photos = make_photos(tmp_path / "photos", 5, broken=1)
     options = {"layers": ["pool2"], "image_size": 32, "weights": "random", "pool": "max"}
     output = tmp_path / "f.h5"
@@ -326,24 +329,28 @@ def test_update_reads_changed_and_new_images_and_prune_drops_vanished(tmp_path):
     Image.new("RGB", (40, 56), (10, 10, 200)).save(added)
 
     plain = extract([photos], output, **options)
-    assert (plain.stored, vggfeat.load(output).paths) == (1, [*before.paths, str(added)])
+    assert (plain.computed, plain.stored, plain.replaced) == (1, 1, 0)
+    assert vggfeat.load(output).paths == [*before.paths, "photos/0009.png"]
 
     updated = extract([photos], output, update=True, **options)
     after = vggfeat.load(output)
-    assert updated.stored == 1
-    assert after.paths == [p for p in before.paths if p != str(changed)] + [
-        str(added),
-        str(changed),
-    ]
+    assert (updated.computed, updated.stored, updated.replaced) == (1, 0, 1)
+    assert after.paths == [*before.paths, "photos/0009.png"]  # replaced where it was
     fresh = extract([changed], tmp_path / "fresh.h5", **options)
-    assert fresh.stored == 1
+    assert fresh.computed == 1
+    row = after.paths.index("photos/0001.png")
     np.testing.assert_array_equal(
-        after.features["pool2"][-1], vggfeat.load(tmp_path / "fresh.h5").features["pool2"][0]
+        after.features["pool2"][row], vggfeat.load(tmp_path / "fresh.h5").features["pool2"][0]
     )
-    assert str(vanished) in after.paths
+    untouched = [i for i, p in enumerate(before.paths) if p != "photos/0001.png"]
+    np.testing.assert_array_equal(
+        after.features["pool2"][untouched], before.features["pool2"][untouched]
+    )
+    assert "photos/0003.png" in after.paths
 
     pruned = extract([photos], output, prune=True, **options)
-    assert pruned.stored == 0 and str(vanished) not in vggfeat.load(output).paths
+    assert (pruned.computed, pruned.dropped, pruned.rows) == (0, 1, 5)
+    assert "photos/0003.png" not in vggfeat.load(output).paths
     assert vggfeat.load(output).failed == before.failed
 
 
@@ -357,5 +364,6 @@ def test_a_run_killed_after_its_output_was_in_place_is_not_counted_twice(tmp_pat
     assert parts_of(output)
     monkeypatch.undo()
     again = extract([photos], output, **options)
-    assert (again.stored, again.rows) == (0, 4)
-    assert vggfeat.load(output).paths == sorted(str(p) for p in photos.glob("*.png"))
+    assert (again.computed, again.stored, again.rows) == (0, 0, 4)
+    assert vggfeat.load(output).paths == sorted(f"photos/{p.name}" for p in photos.glob("*.png"))
+    assert not parts_of(output)

@@ -293,6 +293,14 @@ def _giga(count: int) -> str:
 )
 @click.option("--update", is_flag=True, help="Also read again images changed since stored.")
 @click.option("--prune", is_flag=True, help="Drop rows of files that no longer exist.")
+@click.option(
+    "--yes", is_flag=True, help="Confirm a --prune that would drop every row of the file."
+)
+@click.option(
+    "--shard",
+    metavar="K/N",
+    help="Do the K-th of N shares of the images; the last shard to finish writes OUTPUT.",
+)
 @click.option("--strict", is_flag=True, help="Exit 3 if any image could not be used.")
 @click.option(
     "--overwrite",
@@ -311,7 +319,11 @@ def extract(inputs, output, files_from, strict, quiet, **options) -> None:
     Nothing completed is lost: work is committed to OUTPUT.parts/ as it goes
     and OUTPUT is written when all is done. After a crash, Ctrl-C or a full
     disk, the same command continues; on a finished file it adds new images
-    (--update: changed ones too).
+    (--update: changed ones too), whatever the spelling of their paths.
+    Paths are stored relative to OUTPUT's folder (absolute if outside it).
+
+    N processes with --shard 1/N ... N/N share the work, on one machine or on
+    many that share a file system; the last to finish writes OUTPUT.
 
     \b
     Examples:
@@ -320,23 +332,37 @@ def extract(inputs, output, files_from, strict, quiet, **options) -> None:
       vggfeat extract photos/ --layer fc6 --layer fc7 --dtype float16
       find photos -newer last-run | vggfeat extract --files-from - -o new.h5
       vggfeat extract photos/ --update --prune     # bring features.h5 up to date
+      vggfeat extract photos/ --shard 3/16         # one of 16 jobs (SLURM, cron, ...)
     """
     from vggfeat.pipeline import Interrupted
     from vggfeat.pipeline import extract as run_extract
 
     if not inputs and files_from is None:
         raise click.UsageError("give at least one INPUT folder or file, or --files-from")
+    from vggfeat.store import PruneEverything
+
+    command = shlex.join(["vggfeat", *sys.argv[1:]])
     view = _ProgressView(quiet)
     try:
         with view:
-            summary = run_extract(
-                inputs,
-                output,
-                files_from=files_from or (),
-                on_progress=view.update,
-                command=shlex.join(["vggfeat", *sys.argv[1:]]),
-                **options,
-            )
+            try:
+                summary = run_extract(
+                    inputs,
+                    output,
+                    files_from=files_from or (),
+                    on_progress=view.update,
+                    command=command,
+                    **options,
+                )
+            except PruneEverything as refusal:
+                if not (sys.stdin.isatty() and sys.stderr.isatty()):
+                    raise
+                view.pause()
+                click.confirm(f"{refusal}. Drop them", err=True, abort=True)
+                options["yes"] = True
+                summary = run_extract(
+                    inputs, output, on_progress=view.update, command=command, **options
+                )
     except Interrupted as stop:
         kept = (
             f"Completed work is kept in {stop.parts}; run the same command to continue."
@@ -389,11 +415,22 @@ class _ProgressView:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.pause()
+
+    def pause(self) -> None:
         if self.bar is not None:
-            self.bar.__exit__(*exc)
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
     def update(self, progress) -> None:
         if self.quiet:
+            return
+        if progress.done == 0:
+            if progress.already and progress.total:
+                self.console.print(
+                    f"{_count(progress.already, 'image')} already done; {progress.total:,} to do.",
+                    highlight=False,
+                )
             return
         rate = progress.done / progress.elapsed if progress.elapsed > 0 else 0.0
         if self.bar is not None:
@@ -416,22 +453,41 @@ class _ProgressView:
             )
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
+
+
 def _print_summary(summary) -> None:
     from rich.console import Console
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     timings = summary.timings
-    if summary.skipped and not summary.stored and not summary.failures:
+    failed = len(summary.failures)
+    if not summary.assembled:
         console.print(
-            f"Nothing new: all {summary.skipped:,} images are already in {summary.output} "
-            f"({summary.rows:,} rows)."
+            f"Shard {summary.shard} done: {_count(summary.computed, 'image')} computed, "
+            f"{failed:,} failed, {summary.already:,} done before. Waiting for "
+            f"{'shard' if len(summary.waiting_for) == 1 else 'shards'} "
+            f"{', '.join(map(str, summary.waiting_for))}; "
+            f"the last to finish writes {summary.output}."
+        )
+    elif not (summary.computed or failed or summary.stored or summary.replaced or summary.dropped):
+        console.print(
+            f"Nothing new: all {_count(summary.already, 'image')} are already in "
+            f"{summary.output} ({_count(summary.rows, 'row')})."
         )
         return
-    console.print(
-        f"Stored {summary.stored:,} images in {summary.output} ({summary.rows:,} rows in all"
-        + (f", {summary.skipped:,} from earlier runs" if summary.skipped else "")
-        + f"); {len(summary.failures):,} failed."
-    )
+    else:
+        changes = [f"{_count(summary.stored, 'new row')}"]
+        if summary.replaced:
+            changes.append(f"{summary.replaced:,} replaced")
+        if summary.dropped:
+            changes.append(f"{summary.dropped:,} dropped")
+        console.print(
+            f"Wrote {summary.output}: {', '.join(changes)}, {_count(summary.rows, 'row')} in all. "
+            f"This run: {_count(summary.computed, 'image')} computed, {failed:,} failed, "
+            f"{summary.already:,} already done."
+        )
     if summary.batch_size < summary.requested_batch_size:
         console.print(
             f"Ran out of memory: the batch size was lowered to {summary.batch_size}; "
@@ -444,6 +500,6 @@ def _print_summary(summary) -> None:
     console.print(
         f"Time: {summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s after start-up "
         f"(start-up {timings.startup:.1f} s, waiting for images {timings.waiting:.1f} s, "
-        f"network {timings.network:.1f} s, writing {timings.writing:.1f} s). "
-        f"File: {summary.file_bytes / 1e6:,.1f} MB."
+        f"network {timings.network:.1f} s, writing {timings.writing:.1f} s)."
+        + (f" File: {summary.file_bytes / 1e6:,.1f} MB." if summary.assembled else "")
     )

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import os
 import stat
-import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Literal
 
@@ -132,7 +132,7 @@ def decode_image(
     ``max_pixels`` bounds width x height before any pixel is decoded (Pillow's
     own limit when None), so a decompression bomb costs no memory. Pillow
     itself refuses twice its ``Image.MAX_IMAGE_PIXELS`` on opening; see
-    ``allow_pixels``.
+    ``pixel_limit``.
     """
     try:
         info = os.stat(path)
@@ -180,19 +180,27 @@ def _decode(
         return f"cannot be decoded: {_describe(error)}"
 
 
-def allow_pixels(max_pixels: int | None) -> None:
-    """Let Pillow open images up to ``max_pixels``, when that is above its own limit.
+@contextmanager
+def pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """Let Pillow open images up to ``max_pixels`` while the block runs, if above its limit.
 
-    Pillow's limit is process-wide; it is raised only when asked for, never lowered.
+    Pillow's limit is process-wide: it is raised only when asked for, never
+    lowered, and restored afterwards, as is the warnings filter.
     """
     import warnings
 
     from PIL import Image
 
-    # decode_image records images over the limit as failures; Pillow's warning would repeat it.
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    if max_pixels and Image.MAX_IMAGE_PIXELS and max_pixels > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = max_pixels
+    previous = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        # decode_image records images over the limit as failures; Pillow's warning would repeat it.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if max_pixels and previous and max_pixels > previous:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
 
 
 class _NotRegular(OSError):
@@ -274,10 +282,3 @@ def _as_rgb(image):
     if image.mode != "RGB":
         image = image.convert("RGB")
     return image
-
-
-def describe_path(path: str) -> str:
-    """A path as stored: valid UTF-8, undecodable bytes escaped."""
-    return path.encode(sys.getfilesystemencoding(), "surrogateescape").decode(
-        "utf-8", "backslashreplace"
-    )

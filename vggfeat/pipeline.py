@@ -32,19 +32,29 @@ from vggfeat.images import (
     RESIZE_MODES,
     Decoded,
     Failure,
-    allow_pixels,
     decode_image,
     discover,
+    pixel_limit,
 )
-from vggfeat.network import PRECISIONS, PREPROCESSING, Cut, FeatureNetwork, NetworkOutOfMemory
-from vggfeat.runtime import tensorflow
+from vggfeat.network import (
+    PRECISIONS,
+    PREPROCESSING,
+    Cut,
+    FeatureNetwork,
+    NetworkOutOfMemory,
+    compute_dtype,
+)
+from vggfeat.runtime import gpus
 from vggfeat.store import (
     COMMIT_IMAGES,
     COMPRESSIONS,
     STORED_DTYPES,
     FeatureSet,
     FeatureStore,
+    Layout,
+    PruneEverything,
     Settings,
+    Shard,
     Stamp,
 )
 from vggfeat.weights import identify_weights
@@ -55,15 +65,17 @@ DECODE_NICENESS = 10
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a run stands, sent after every batch."""
+    """Where a run stands: sent once before the first image, then after every batch."""
 
     done: int
     """Images handled in this run, stored or failed."""
     failed: int
     total: int
-    """Images this run has to handle (those already in the file excluded)."""
+    """Images this run has to handle (those already done excluded)."""
     elapsed: float
     """Seconds since the first batch started."""
+    already: int = 0
+    """Images of this run's share already done by earlier runs."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +89,7 @@ class Timings:
     network: float
     """The network computing (tracing the function once included)."""
     writing: float
-    """Appending rows to the HDF5 file."""
+    """Committing rows, and writing the output at the end."""
 
 
 @dataclass(frozen=True)
@@ -85,14 +97,25 @@ class Summary:
     """What a run did."""
 
     output: Path
-    stored: int
-    """Rows written by this run."""
+    computed: int
+    """Images this run put through the network."""
     failures: tuple[Failure, ...]
     """Files this run could not use, with the reasons (also in ``/failed``)."""
-    skipped: int
-    """Images already in the file from an earlier run."""
+    already: int
+    """Images of this run's share done by earlier runs (in the file or committed)."""
+    assembled: bool
+    """Whether this run wrote the output; False while other shards are still running."""
+    stored: int
+    """Rows the output gained (new images, in this run or in other shards)."""
+    replaced: int
+    """Rows read again and replaced (``update``)."""
+    dropped: int
+    """Rows dropped: their files are gone (``prune``), or no longer decode (``update``)."""
     rows: int
-    """Rows in the file now."""
+    """Rows in the file now (0 while not assembled)."""
+    waiting_for: tuple[int, ...]
+    """Shards that have not done their share, when not assembled."""
+    shard: Shard | None
     seconds: float
     timings: Timings
     file_bytes: int
@@ -103,8 +126,8 @@ class Summary:
     @property
     def images_per_second(self) -> float:
         """Images handled per second once running (start-up not counted)."""
-        running = self.seconds - self.timings.startup
-        handled = self.stored + len(self.failures)
+        running = self.timings.waiting + self.timings.network + self.timings.writing
+        handled = self.computed + len(self.failures)
         return handled / running if running > 0 else 0.0
 
 
@@ -129,6 +152,8 @@ def extract(
     overwrite: bool = False,
     update: bool = False,
     prune: bool = False,
+    yes: bool = False,
+    shard: str | Shard | None = None,
     commit_every: int = COMMIT_IMAGES,
     on_progress: Callable[[Progress], None] | None = None,
     command: str | None = None,
@@ -136,16 +161,18 @@ def extract(
     """Extract features of every image in ``inputs`` into the HDF5 file ``output``.
 
     Does what ``vggfeat extract`` does, with the same defaults. Completed
-    images are committed every ``commit_every`` images (or 64 MB, or 30 s) and
-    the output is assembled when all are done, so running it again on the same
-    output after any interruption continues: images already stored (or
-    recorded as failed) are skipped. With ``update``, images whose size or
-    modification time changed are read again; with ``prune``, rows of files
-    that no longer exist are dropped.
+    images are committed every ``commit_every`` images (or 64 MB, or 30 s)
+    and the output is written when all are done, so running it again on the
+    same output after any interruption continues: images already stored (or
+    recorded as failed) are skipped, whatever the spelling of their path.
+    With ``update``, images whose size or modification time changed are read
+    again; with ``prune``, rows of files that no longer exist are dropped
+    (``yes`` confirms dropping every row). ``shard="K/N"`` does the K-th of N
+    shares; the last shard to finish writes the output.
 
     Raises a ``VggfeatError`` subclass for anything the caller can fix, before
-    any network is built where that can be known, and ``Interrupted`` (a
-    ``KeyboardInterrupt``) after Ctrl-C or SIGTERM, once completed work is safe.
+    anything is written, and ``Interrupted`` (a ``KeyboardInterrupt``) after
+    Ctrl-C or SIGTERM, once completed work is safe.
     """
     started = time.perf_counter()
     architecture = vgg(depth)
@@ -155,10 +182,11 @@ def extract(
     )
     if batch_size < 1 or commit_every < 1 or (workers is not None and workers < 1):
         raise VggfeatError("--batch-size, --commit-every and --workers must be at least 1")
+    if isinstance(shard, str):
+        shard = Shard.parse(shard)
     architecture.check_image_size([cut.layer for cut in cuts], image_size)
     named = identify_weights(architecture, any(cut.layer.is_top for cut in cuts), weights, seed)
     paths = discover([os.fspath(p) for p in inputs], files_from)
-    allow_pixels(max_pixels)
 
     settings = Settings(
         depth=depth,
@@ -170,51 +198,61 @@ def extract(
         seed=seed,
         image_size=image_size,
         resize=resize,
-        precision=precision,
+        compute_dtype=compute_dtype(precision, on_gpu=precision != "float32" and bool(gpus())),
         dtype=dtype,
     )
-    store = FeatureStore.open(
-        output,
+    layout = Layout(
         settings,
-        _feature_sets(architecture.catalogue(image_size), cuts, pool),
+        tuple(_feature_sets(architecture.catalogue(image_size), cuts, pool)),
+        compression,
         attributes={
+            "precision": precision,
             "resampling": RESAMPLING,
             "preprocessing": PREPROCESSING,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": command or shlex.join(sys.argv),
+            **_versions(),
         },
-        compression=compression,
-        overwrite=overwrite,
     )
+    store = FeatureStore.open(output, layout, overwrite=overwrite, shard=shard)
     store.commit_images = commit_every
     network = None
-    with _signals():
+    runs: list[_Run] = []
+    with _signals(), pixel_limit(max_pixels):
         try:
-            done = store.done
-            todo = [path for path in paths if _needs_work(path, done, update)]
-            if todo:
+            pruned = _pruned(store, yes) if prune else set()
+            work, already = _plan(store, paths, update)
+            total = sum(len(todo) for _, todo in work)
+            if on_progress:
+                on_progress(Progress(0, 0, total, 0.0, already))
+            if total:
                 # A run smaller than one batch needs no padding up to the full batch.
                 network = FeatureNetwork(
                     architecture,
                     cuts,
                     image_size,
-                    min(batch_size, len(todo)),
+                    min(batch_size, total),
                     pool,
                     weights,
                     seed,
                     precision,
                 )
-                store.set_attributes(
-                    _versions()
-                    | {
-                        "weights_sha256": network.weights.sha256,
-                        "compute_dtype": network.compute_dtype,
-                    }
-                )
-            run = _Run(network, store, todo, image_size, resize, max_pixels, workers, on_progress)
-            if network is not None:
-                run.go()
-            rows = store.finish(prune=_vanished if prune else None)
+            learnt = {"weights_sha256": network.weights.sha256} if network else {}
+            report = _Reporter(on_progress, runs, total, already)
+            for index, todo in work:
+                store.begin(index)
+                if todo:
+                    run = _Run(
+                        network, store, todo, image_size, resize, max_pixels, workers, report
+                    )
+                    runs.append(run)
+                    run.go()
+                store.finish_shard(index, learnt)
+            written = time.perf_counter()
+            assembly = store.assemble(prune=pruned)
+            writing = time.perf_counter() - written
+            waiting_for = tuple(store.unfinished_shards()) if assembly is None else ()
+            store.close()
         except (KeyboardInterrupt, Terminated) as stop:
             try:
                 store.commit()
@@ -226,18 +264,66 @@ def extract(
             store.discard()
             raise
     seconds = time.perf_counter() - started
+    waiting = sum(run.waiting for run in runs)
+    computing = sum(run.computing for run in runs)
+    committing = sum(run.writing for run in runs) + writing
     return Summary(
         output=store.path,
-        stored=run.stored,
-        failures=tuple(run.failures),
-        skipped=len(paths) - len(todo),
-        rows=rows,
+        computed=sum(run.stored for run in runs),
+        failures=tuple(failure for run in runs for failure in run.failures),
+        already=already,
+        assembled=assembly is not None,
+        stored=assembly.appended if assembly else 0,
+        replaced=assembly.replaced if assembly else 0,
+        dropped=assembly.dropped if assembly else 0,
+        rows=assembly.rows if assembly else 0,
+        waiting_for=waiting_for,
+        shard=shard,
         seconds=seconds,
-        timings=Timings(seconds - run.seconds, run.waiting, run.computing, run.writing),
-        file_bytes=store.path.stat().st_size,
+        timings=Timings(seconds - waiting - computing - committing, waiting, computing, committing),
+        file_bytes=store.path.stat().st_size if store.path.exists() else 0,
         batch_size=network.batch_size if network else batch_size,
-        requested_batch_size=min(batch_size, len(todo)) if todo else batch_size,
+        requested_batch_size=min(batch_size, total) if total else batch_size,
     )
+
+
+def _plan(
+    store: FeatureStore, paths: list[str], update: bool
+) -> tuple[list[tuple[int, list[str]]], int]:
+    """The images each of this process's shards has to do, and how many of its share are done.
+
+    Each shard's share is cut from the images the output does not hold yet, in
+    discovery order; that is the same for every shard of a run, since the
+    output is only written once all are done. Committed parts are then skipped.
+    """
+    unique: dict[str, str] = {}
+    for path in paths:
+        unique.setdefault(store.key(path), path)  # one image, however often it is named
+    stored, committed = store.stored, store.committed
+    basis = [key for key in unique if _needs_work(key, unique[key], stored, update)]
+    count = store.plan.shards
+    work = []
+    share_sizes = 0
+    for index in store.shards:
+        share = Shard(index, count).share(basis)
+        share_sizes += len(share)
+        todo = [unique[key] for key in share if _needs_work(key, unique[key], committed, update)]
+        work.append((index, todo))
+    others = len(basis) - share_sizes
+    already = len(unique) - others - sum(len(todo) for _, todo in work)
+    return work, already
+
+
+def _pruned(store: FeatureStore, yes: bool) -> set[str]:
+    """Paths of the output whose files are gone; refuses to drop every row unless ``yes``."""
+    gone = {key for key in store.stored if store.locate(key) is None}
+    if gone and gone == set(store.stored) and not yes:
+        raise PruneEverything(
+            f"--prune would drop all {len(gone):,} rows of {store.path}: none of their files "
+            f"exist as seen from {store.home}; check the file and its images are where they "
+            "were, or add --yes to drop them"
+        )
+    return gone
 
 
 class Terminated(BaseException):
@@ -295,9 +381,9 @@ def _feature_sets(catalogue, cuts: list[Cut], pool: str) -> list[FeatureSet]:
     return sets
 
 
-def _needs_work(path: str, done: dict[str, Stamp], update: bool) -> bool:
-    """Whether ``path`` is new, or, with ``update``, changed since it was stored."""
-    if path not in done:
+def _needs_work(key: str, path: str, done: dict[str, Stamp], update: bool) -> bool:
+    """Whether ``path`` (stored as ``key``) is new, or, with ``update``, changed since done."""
+    if key not in done:
         return True
     if not update:
         return False
@@ -305,32 +391,52 @@ def _needs_work(path: str, done: dict[str, Stamp], update: bool) -> bool:
         info = os.stat(path)
     except OSError:
         return False  # gone: kept unless pruned
-    return Stamp(info.st_size, info.st_mtime_ns) != done[path]
+    return Stamp(info.st_size, info.st_mtime_ns) != done[key]
 
 
-def _vanished(path: str) -> bool:
-    return not os.path.lexists(path)
+class _Reporter:
+    """Progress over every share this process does, sent after each batch or failure."""
+
+    def __init__(self, on_progress, runs: list[_Run], total: int, already: int) -> None:
+        self.on_progress = on_progress
+        self.runs = runs
+        self.total = total
+        self.already = already
+        self.started = time.perf_counter()
+        self.reported = 0
+
+    def __call__(self) -> None:
+        done = sum(run.stored + len(run.failures) for run in self.runs)
+        if self.on_progress and done != self.reported:
+            self.reported = done
+            self.on_progress(
+                Progress(
+                    done=done,
+                    failed=sum(len(run.failures) for run in self.runs),
+                    total=self.total,
+                    elapsed=time.perf_counter() - self.started,
+                    already=self.already,
+                )
+            )
 
 
 class _Run:
-    """One pass over the images still to do; counts and times what it does."""
+    """One pass over a share's images still to do; counts and times what it does."""
 
     def __init__(
-        self, network, store, paths, image_size, resize, max_pixels, workers, on_progress
+        self, network, store, paths, image_size, resize, max_pixels, workers, report
     ) -> None:
         self.network: FeatureNetwork = network
         self.store: FeatureStore = store
         self.paths: list[str] = paths
         self.decode = lambda path: decode_image(path, image_size, resize, max_pixels)
         self.workers = workers or os.cpu_count() or 1
-        self.on_progress = on_progress
+        self.report: Callable[[], None] = report
         self.stored = 0
         self.failures: list[Failure] = []
-        self.reported = 0
-        self.waiting = self.computing = self.writing = self.seconds = 0.0
+        self.waiting = self.computing = self.writing = 0.0
 
     def go(self) -> None:
-        started = time.perf_counter()
         batch: list[Decoded] = []
         # Enough decoded images in flight to fill the next batch while this one computes.
         window = 2 * self.network.batch_size + self.workers
@@ -356,22 +462,20 @@ class _Run:
                     if isinstance(result, Failure):
                         self.failures.append(result)
                         self.store.add_failures([result])
+                        self.report()
                         continue
                     batch.append(result)
                     if len(batch) == self.network.batch_size:
-                        self._compute(batch, started)
+                        self._compute(batch)
                         batch = []
                 if batch:
-                    self._compute(batch, started)
-                self._report(started)
+                    self._compute(batch)
             except BaseException:
                 for future in pending:
                     future.cancel()
                 raise
-            finally:
-                self.seconds = time.perf_counter() - started
 
-    def _compute(self, batch: list[Decoded], started: float) -> None:
+    def _compute(self, batch: list[Decoded]) -> None:
         begun = time.perf_counter()
         pixels = np.stack([image.pixels for image in batch])
         while True:
@@ -391,20 +495,7 @@ class _Run:
         self.computing += computed - begun
         self.writing += time.perf_counter() - computed
         self.stored += len(batch)
-        self._report(started)
-
-    def _report(self, started: float) -> None:
-        done = self.stored + len(self.failures)
-        if self.on_progress and done != self.reported:
-            self.reported = done
-            self.on_progress(
-                Progress(
-                    done=done,
-                    failed=len(self.failures),
-                    total=len(self.paths),
-                    elapsed=time.perf_counter() - started,
-                )
-            )
+        self.report()
 
 
 def _yield_to_the_network() -> None:
@@ -440,13 +531,13 @@ def _check_choices(**chosen: str) -> None:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import version
+    """The versions that computed a file, read from package metadata (nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    import keras
-
-    tf = tensorflow()
-    return {
-        "vggfeat_version": version("vggfeat"),
-        "tensorflow_version": tf.__version__,
-        "keras_version": keras.__version__,
-    }
+    found = {}
+    for package in ("vggfeat", "tensorflow", "keras"):
+        try:
+            found[f"{package}_version"] = version(package)
+        except PackageNotFoundError:
+            found[f"{package}_version"] = ""
+    return found

@@ -1,53 +1,77 @@
-"""The HDF5 output: its format, written so that no completed work is ever lost.
+"""What is done: the run's journal of committed parts, shards, locks, and the output's assembly.
 
-The final file (a contract; README.md documents it)::
+A run never leaves completed work only in memory for long: rows are committed
+every few hundred images as *parts* in ``<output>.parts/``, each written to a
+temporary name, flushed, fsync'ed and renamed, so a part is whole or absent::
 
-    /paths                (N,) UTF-8 strings; row i of every dataset belongs to paths[i]
-    /features/<name>      (N, ...) float32 or float16, one dataset per requested layer
-    /source/size          (N,) int64, each file's size in bytes when it was read
-    /source/mtime_ns      (N,) int64, its modification time, ns since the epoch
-    /failed/paths         (M,) UTF-8 strings, files that could not be used
-    /failed/reasons       (M,) UTF-8 strings, why, in words
-    /failed/size, /failed/mtime_ns   (M,) int64, as for rows (-1 where unknown)
+    <output>.parts/
+        run.json                the plan: settings, datasets, shards, overwrite or not
+        shard-0003.lock         held (flock) by the process working on shard 3; its PID
+        shard-0003.json         written once shard 3 has done its share
+        part-0003-000017.npz    shard 3's 17th commit: rows and failures, in order
+        assemble.lock           held by the process writing the output
+        assembling.h5           a new output being built; discarded if interrupted
 
-HDF5 does not protect a file while it is being written, so a run never writes
-into the final file. Completed rows are committed every few hundred images as
-*parts* in the folder ``<output>.parts/``: each part is written to a temporary
-name, flushed, fsync'ed and renamed, so a part is either whole or absent. Only
-when every image is done are the parts (after the rows of an existing output)
-assembled into a new file, which is fsync'ed and renamed over the output. A
-kill at any moment loses at most the images since the last part; the same
-command then continues from the parts. Independent workers could each write
-parts of their own for one final assembly.
+When every shard has done its share, one process assembles: it appends the
+parts to the existing output in place (``output.py`` says how that survives a
+kill), deleting each part once its rows count, or builds a new file next to
+the parts and renames it over the output (a fresh output, ``--overwrite``,
+``--prune``, a file whose failures became rows). Appending a part twice
+changes nothing: a path already in the file is replaced, never added again.
+
+An image is one row however its path is spelt: rows are keyed by the image's
+path with every folder resolved (symlinks, ``..``, the working directory),
+relative to the folder holding the output, or absolute when it lies elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
-import math
 import os
 import re
 import shutil
+import signal
 import stat
+import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vggfeat.errors import VggfeatError
-from vggfeat.images import Decoded, Failure, describe_path
+from vggfeat.images import Decoded, Failure
+from vggfeat.output import (
+    FORMAT_VERSION,
+    Column,
+    FeatureSet,
+    Layout,
+    OutputError,
+    Rows,
+    Settings,
+    blocks,
+    committed,
+    create,
+    decode_strings,
+    encoded_length,
+    feature_names,
+    open_hdf5,
+    path_width,
+    read_strings,
+    stamps,
+    writing,
+)
 
-FORMAT_VERSION = 2
 COMPRESSIONS = ("none", "lzf", "gzip")
 STORED_DTYPES = ("float32", "float16")
-#: Target bytes per HDF5 chunk of features: big enough for fast appends, small for reads.
-CHUNK_BYTES = 1 << 20
 #: A part is committed after this many images, bytes or seconds, whichever comes first.
 COMMIT_IMAGES = 256
 COMMIT_BYTES = 64 << 20
@@ -55,69 +79,19 @@ COMMIT_SECONDS = 30.0
 #: Free space always left on the output's disk, for HDF5's own bookkeeping and the system.
 RESERVE_BYTES = 16 << 20
 
-
-class OutputError(VggfeatError):
-    """An output that cannot be written, continued, or locked."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything that decides the numbers in a file; a continued run must match it."""
-
-    depth: int
-    layers: tuple[str, ...]
-    pooling: str
-    weights: str
-    weights_file: str
-    weights_sha256: str
-    seed: int
-    image_size: int
-    resize: str
-    precision: str
-    dtype: str
-
-    def differences(self, other: Settings) -> list[str]:
-        """Each setting that differs, as '--option file-value in the file, other-value now'."""
-        ours, theirs = asdict(self), asdict(other)
-        return [
-            f"{_OPTIONS[key]} {_shown(ours[key])} in the file, {_shown(theirs[key])} now"
-            for key in ours
-            if ours[key] != theirs[key]
-        ]
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Settings:
-        """Settings as ``asdict`` gave them, after a trip through JSON."""
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-_OPTIONS = {
-    "depth": "--depth",
-    "layers": "--layer",
-    "pooling": "--pool",
-    "weights": "--weights",
-    "weights_file": "weights file",
-    "weights_sha256": "weights SHA-256",
-    "seed": "--seed",
-    "image_size": "--image-size",
-    "resize": "--resize",
-    "precision": "--precision",
-    "dtype": "--dtype",
-}
-
-
-def _shown(value: Any) -> str:
-    return " ".join(map(str, value)) if isinstance(value, tuple | list) else str(value) or "none"
-
-
-@dataclass(frozen=True)
-class FeatureSet:
-    """One dataset of the output: its name, the Keras layer, pooling, and per-image shape."""
-
-    name: str
-    keras_layer: str
-    pooling: str
-    shape: tuple[int, ...]
+__all__ = [
+    "COMPRESSIONS",
+    "STORED_DTYPES",
+    "FeatureSet",
+    "FeatureStore",
+    "Layout",
+    "OutputError",
+    "Settings",
+    "Shard",
+    "Stamp",
+    "load",
+    "open_features",
+]
 
 
 @dataclass(frozen=True)
@@ -128,210 +102,564 @@ class Stamp:
     mtime_ns: int
 
 
-class FeatureStore:
-    """One run's writer: rows are buffered, committed as parts, and assembled at the end.
+@dataclass(frozen=True)
+class Shard:
+    """Share ``index`` of ``count`` (1-based) of the images a run has to do."""
 
-    Holds an exclusive lock on the output for its lifetime; a second writer is
-    refused at once, and a lock left by a dead process is simply taken over.
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"3/16"`` as a shard; raises ``VggfeatError`` for anything else."""
+        found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not found or not 1 <= int(found[1]) <= int(found[2]):
+            raise VggfeatError(
+                f"--shard {text} is not K/N with 1 <= K <= N; for example --shard 3/16"
+            )
+        return cls(int(found[1]), int(found[2]))
+
+    def share(self, items: Sequence[str]) -> list[str]:
+        """This shard's contiguous share of ``items``, the same on every machine."""
+        count = len(items)
+        return list(
+            items[(self.index - 1) * count // self.count : self.index * count // self.count]
+        )
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+class PruneEverything(OutputError):
+    """``--prune`` would drop every row of a file: confirm with ``--yes``."""
+
+
+@dataclass(frozen=True)
+class Assembly:
+    """What writing the output did."""
+
+    appended: int
+    replaced: int
+    dropped: int
+    rows: int
+    failures: int
+
+
+@dataclass
+class _Plan:
+    """The run recorded in ``run.json``: what every shard of it must agree on."""
+
+    id: str
+    layout: Layout
+    shards: int
+    overwrite: bool
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "id": self.id,
+                "settings": asdict(self.layout.settings),
+                "feature_sets": [asdict(fs) for fs in self.layout.feature_sets],
+                "compression": self.layout.compression,
+                "attributes": self.layout.attributes,
+                "shards": self.shards,
+                "overwrite": self.overwrite,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> _Plan:
+        values = json.loads(text)
+        return cls(
+            id=values["id"],
+            layout=Layout(
+                settings=Settings.from_dict(values["settings"]),
+                feature_sets=tuple(
+                    FeatureSet(fs["name"], fs["keras_layer"], fs["pooling"], tuple(fs["shape"]))
+                    for fs in values["feature_sets"]
+                ),
+                compression=values["compression"],
+                attributes=values["attributes"],
+            ),
+            shards=values["shards"],
+            overwrite=values["overwrite"],
+        )
+
+
+@dataclass
+class _Buffer:
+    images: list[Decoded] = field(default_factory=list)
+    features: list[list[np.ndarray]] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images) + len(self.failures)
+
+
+class FeatureStore:
+    """One process's view of a run: what is done, its shards, and its writes.
+
+    ``open`` checks everything that can refuse the command before it changes
+    anything on disk, then holds an exclusive lock on each shard it works on
+    (every unfinished shard for a plain run, one with ``--shard``).
     """
 
-    def __init__(self, path: Path, plan: dict[str, Any], base: Path | None, lock) -> None:
+    def __init__(self, path: Path, plan: _Plan, locks: dict[int, Any], home: Path) -> None:
         self.path = path
-        self.parts = _parts_folder(path)
-        self._plan = plan
-        self._base = base
-        self._lock = lock
-        self._row_bytes = sum(
-            math.prod(fs["shape"]) * np.dtype(plan["settings"]["dtype"]).itemsize
-            for fs in plan["feature_sets"]
-        )
-        self._buffer: list[tuple[list[Decoded], list[np.ndarray]]] = []
-        self._failures: list[Failure] = []
-        self._buffered_rows = 0
+        self.parts = parts_folder(path)
+        self.plan = plan
+        self.home = home
+        self._locks = locks
+        self._real_folders: dict[str, str] = {}
+        self._buffer = _Buffer()
         self._last_commit = time.monotonic()
-        self._next_part = 1 + max((_part_number(p) for p in self._part_files()), default=0)
+        self._shard = min(locks, default=1)
+        self._next_part = self._first_free_part(self._shard)
         self.commit_images = COMMIT_IMAGES
 
-    # Opening -----------------------------------------------------------------------
+    # Opening ---------------------------------------------------------------------------
 
     @classmethod
     def open(
         cls,
         path: str | os.PathLike,
-        settings: Settings,
-        feature_sets: Sequence[FeatureSet],
-        attributes: dict[str, Any],
-        compression: str = "none",
+        layout: Layout,
         overwrite: bool = False,
+        shard: Shard | None = None,
     ) -> FeatureStore:
-        """Lock ``path`` for writing and prepare to continue or replace it.
+        """Check ``path`` can take this run, then lock the shards this process will do.
 
-        Raises ``OutputError`` when the output cannot be written, is in use by
-        another process, is not a vggfeat file, or was written with other
-        settings (unless ``overwrite``, which replaces it once the run completes).
+        Raises ``OutputError`` (changing nothing on disk) when the output cannot
+        be written, is another program's file or damaged, holds other settings,
+        has an unfinished run of other settings, or its shard is in use.
         """
         path = Path(path)
         _check_writable(path)
-        parts = _parts_folder(path)
+        if path.exists() and not overwrite:
+            _check_output(path, layout.settings)
+        parts = parts_folder(path)
+        earlier = _read_plan(parts, path)
+        if earlier is not None:
+            _check_unfinished(earlier, path, layout.settings, overwrite, shard)
+
         try:
             parts.mkdir(exist_ok=True)
         except OSError as error:
             raise OutputError(f"cannot write output {path}: {error.strerror or error}") from error
-        lock = _lock(parts, path)
+        if earlier is not None and _abandoned(earlier, layout):
+            # --overwrite with other settings: the unfinished run is thrown away.
+            everything = range(1, earlier.shards + 1)
+            held = _lock_shards(parts, path, earlier.shards, everything)
+            _clear_parts(parts)
+            (parts / "run.json").unlink(missing_ok=True)
+            for lock in held.values():
+                lock.close()
+            earlier = None
+        count = earlier.shards if earlier else shard.count if shard else 1
+        wanted = [shard.index] if shard else range(1, count + 1)
+        locks = _lock_shards(parts, path, count, wanted)
         try:
-            plan = {
-                "id": uuid.uuid4().hex,
-                "settings": asdict(settings),
-                "feature_sets": [asdict(fs) for fs in feature_sets],
-                "attributes": attributes,
-                "compression": compression,
-                "overwrite": overwrite,
-            }
-            plan = _continue_parts(parts, path, plan, settings, overwrite)
-            base = None if overwrite else _existing_output(path, settings, plan["id"], parts)
+            for index in locks:
+                # What a killed process of this shard was writing.
+                for leftover in parts.glob(f"*-{index:04d}*.tmp"):
+                    leftover.unlink(missing_ok=True)
+            plan = _claim_plan(parts, path, _Plan(uuid.uuid4().hex, layout, count, overwrite))
+            _check_unfinished(plan, path, layout.settings, overwrite, shard)
+            if plan.shards != count:
+                raise OutputError(
+                    f"another run of {path} started at the same moment; run the command again"
+                )
+            for index in [i for i in locks if _finished(parts, i)]:
+                locks.pop(index).close()
             _require_space(parts, RESERVE_BYTES, path, "start")
-            return cls(path, plan, base, lock)
+            return cls(path, plan, locks, _home(path))
         except BaseException:
-            lock.close()
+            for lock in locks.values():
+                lock.close()
             raise
 
-    def set_attributes(self, attributes: dict[str, Any]) -> None:
-        """Facts known only once the network is built (versions, the weights' hash)."""
-        self._plan["attributes"].update(attributes)
+    # What is done ----------------------------------------------------------------------
+
+    def key(self, path: str) -> str:
+        """The path under which ``path`` is stored: every folder resolved, relative to ``home``."""
+        folder, name = os.path.split(os.path.abspath(path))
+        real = self._real_folders.get(folder)
+        if real is None:
+            real = self._real_folders[folder] = os.path.realpath(folder)
+        full = os.path.join(real, name)
+        prefix = os.path.join(str(self.home), "")
+        if full.startswith(prefix):
+            full = full[len(prefix) :]
+        return _printable(full)
+
+    def locate(self, key: str) -> str | None:
+        """Where the file stored as ``key`` is now, or None if it is gone."""
+        return locate(key, self.home)
+
+    @cached_property
+    def stored(self) -> dict[str, Stamp]:
+        """Every path the output holds, as a row or a failure, with its stamp then."""
+        if not self.path.exists() or (self.plan.overwrite and not self._assembled()):
+            return {}
+        with open_hdf5(self.path) as file:
+            rows, failures = committed(file)
+            done: dict[str, Stamp] = {}
+            for group, name, count in (
+                ("source", "paths", rows),
+                ("failed", "failed/paths", failures),
+            ):
+                sizes, times = stamps(file, group, count)
+                keys = read_strings(file[name], count)
+                done.update(zip(keys, map(Stamp, sizes.tolist(), times.tolist()), strict=True))
+            return done
+
+    @cached_property
+    def committed(self) -> dict[str, Stamp]:
+        """Every path committed in parts so far, by any shard, with its stamp."""
+        done: dict[str, Stamp] = {}
+        for part in self._part_files():
+            rows = _read_part(part)
+            sizes = [*rows.size.tolist(), *rows.failed_size.tolist()]
+            times = [*rows.mtime_ns.tolist(), *rows.failed_mtime_ns.tolist()]
+            done.update(zip(rows.keys, map(Stamp, sizes, times), strict=True))
+        return done
 
     @property
-    def done(self) -> dict[str, Stamp]:
-        """Every path already stored or recorded as failed, with its file's stamp then."""
-        stamps: dict[str, Stamp] = {}
-        if self._base is not None:
-            import h5py
+    def shards(self) -> list[int]:
+        """The shards this process has to do, in order."""
+        return sorted(self._locks)
 
-            with h5py.File(self._base, "r") as file:
-                for group in (file, file["failed"]):
-                    paths = group["paths"].asstr()[()]
-                    sizes, times = _stamps_of(group, len(paths))
-                    stamps.update(zip(paths, map(Stamp, sizes, times), strict=True))
-        for part in self._part_files():
-            with np.load(part) as data:
-                for prefix in ("", "failed_"):
-                    stamps.update(
-                        zip(
-                            data[f"{prefix}paths"].tolist(),
-                            map(
-                                Stamp,
-                                data[f"{prefix}size"].tolist(),
-                                data[f"{prefix}mtime_ns"].tolist(),
-                            ),
-                            strict=True,
-                        )
-                    )
-        return stamps
+    def begin(self, shard: int) -> None:
+        """Commit what is buffered; the rows that follow belong to ``shard``."""
+        self.commit()
+        self._shard = shard
+        self._next_part = self._first_free_part(shard)
 
-    @property
-    def rows(self) -> int:
-        """Rows the output will hold once the buffered ones are committed (before pruning)."""
-        base = 0
-        if self._base is not None:
-            import h5py
-
-            with h5py.File(self._base, "r") as file:
-                base = len(file["paths"])
-        committed = 0
-        for part in self._part_files():
-            with np.load(part) as data:
-                committed += len(data["paths"])
-        return base + committed + self._buffered_rows
-
-    # Writing -----------------------------------------------------------------------
+    # Writing ---------------------------------------------------------------------------
 
     def append(self, images: Sequence[Decoded], features: Sequence[np.ndarray]) -> None:
         """Add one row per image; ``features`` holds one (len(images), ...) array per set.
 
         Commits a part when enough rows, bytes or time have gathered.
         """
-        dtype = np.dtype(self._plan["settings"]["dtype"])
-        self._buffer.append((list(images), [np.asarray(f, dtype) for f in features]))
-        self._buffered_rows += len(images)
+        dtype = np.dtype(self.plan.layout.settings.dtype)
+        self._buffer.images.extend(images)
+        self._buffer.features.append([np.asarray(f, dtype) for f in features])
+        self._commit_if_due()
+
+    def add_failures(self, failures: Sequence[Failure]) -> None:
+        """Record files that could not be used; committed like rows."""
+        self._buffer.failures.extend(failures)
+        self._commit_if_due()
+
+    def _commit_if_due(self) -> None:
         if (
-            self._buffered_rows >= self.commit_images
-            or self._buffered_rows * self._row_bytes >= COMMIT_BYTES
+            len(self._buffer) >= self.commit_images
+            or len(self._buffer.images) * self.plan.layout.row_bytes >= COMMIT_BYTES
             or time.monotonic() - self._last_commit >= COMMIT_SECONDS
         ):
             self.commit()
 
-    def add_failures(self, failures: Sequence[Failure]) -> None:
-        self._failures.extend(failures)
-
     def commit(self) -> None:
-        """Write what is buffered as one part, atomically; nothing if nothing is buffered."""
-        if not self._buffer and not self._failures:
-            return
-        images = [image for batch, _ in self._buffer for image in batch]
-        arrays: dict[str, np.ndarray] = {
-            "paths": _strings([describe_path(image.path) for image in images]),
-            "size": np.array([image.size for image in images], np.int64),
-            "mtime_ns": np.array([image.mtime_ns for image in images], np.int64),
-            "failed_paths": _strings([describe_path(f.path) for f in self._failures]),
-            "failed_reasons": _strings([f.reason for f in self._failures]),
-            "failed_size": np.array([f.size for f in self._failures], np.int64),
-            "failed_mtime_ns": np.array([f.mtime_ns for f in self._failures], np.int64),
-        }
-        dtype = np.dtype(self._plan["settings"]["dtype"])
-        for index, feature_set in enumerate(self._plan["feature_sets"]):
-            batches = [features[index] for _, features in self._buffer]
-            arrays[f"features_{index}"] = (
-                np.concatenate(batches) if batches else np.zeros((0, *feature_set["shape"]), dtype)
-            )
-        need = sum(a.nbytes for a in arrays.values()) + RESERVE_BYTES
-        _require_space(self.parts, need, self.path, "commit the latest images")
-        name = self.parts / f"part-{self._next_part:06d}.npz"
-        _write_atomically(name, lambda file: np.savez(file, **arrays), self.path)
-        self._next_part += 1
-        self._buffer.clear()
-        self._failures.clear()
-        self._buffered_rows = 0
-        self._last_commit = time.monotonic()
+        """Write what is buffered as one part, atomically; nothing if nothing is buffered.
 
-    def finish(self, prune: Callable[[str], bool] | None = None) -> int:
-        """Commit, assemble the output, remove the parts; the number of rows written.
-
-        Rows of an existing output come first, except those a part supersedes
-        (the same path, read again by ``--update``) and those ``prune`` drops;
-        then every part's rows, in the order they were committed.
+        Signals wait until the part is written and the buffer emptied, so a
+        Ctrl-C handler that commits again never writes the same rows twice.
         """
-        self.commit()
-        parts = self._part_files()
-        if self._base is not None and not parts and not self._prunes(prune):
-            rows = self.rows  # nothing new: the output stands as it is
-        else:
-            rows = _assemble(self.path, self._plan, self._base, parts, prune)
-        shutil.rmtree(self.parts, ignore_errors=True)
-        self.close()
-        return rows
+        if not len(self._buffer):
+            return
+        with _signals_deferred():
+            buffer = self._buffer
+            arrays = self._part_arrays(buffer)
+            need = sum(a.nbytes for a in arrays.values()) + RESERVE_BYTES
+            _require_space(self.parts, need, self.path, "commit the latest images")
+            name = self.parts / f"part-{self._shard:04d}-{self._next_part:06d}.npz"
+            _write_atomically(name, lambda file: np.savez(file, **arrays), self.path)
+            self._next_part += 1
+            self._buffer = _Buffer()
+            self._last_commit = time.monotonic()
 
-    def _prunes(self, prune: Callable[[str], bool] | None) -> bool:
-        """Whether ``prune`` would drop any path of the existing output."""
-        return prune is not None and any(prune(path) for path in self.done)
+    def _part_arrays(self, buffer: _Buffer) -> dict[str, np.ndarray]:
+        arrays: dict[str, np.ndarray] = {
+            "paths": _strings([self.key(image.path) for image in buffer.images]),
+            "size": np.array([image.size for image in buffer.images], np.int64),
+            "mtime_ns": np.array([image.mtime_ns for image in buffer.images], np.int64),
+            "failed_paths": _strings([self.key(f.path) for f in buffer.failures]),
+            "failed_reasons": _strings([f.reason for f in buffer.failures]),
+            "failed_size": np.array([f.size for f in buffer.failures], np.int64),
+            "failed_mtime_ns": np.array([f.mtime_ns for f in buffer.failures], np.int64),
+        }
+        dtype = np.dtype(self.plan.layout.settings.dtype)
+        for index, feature_set in enumerate(self.plan.layout.feature_sets):
+            batches = [features[index] for features in buffer.features]
+            arrays[f"features_{index}"] = (
+                np.concatenate(batches) if batches else np.zeros((0, *feature_set.shape), dtype)
+            )
+        return arrays
+
+    def finish_shard(self, shard: int, attributes: dict[str, Any]) -> None:
+        """Commit, and record that ``shard`` has done its share, with what computed it."""
+        self.commit()
+        record = json.dumps({"attributes": attributes}).encode()
+        _write_atomically(
+            self.parts / f"shard-{shard:04d}.json", lambda file: file.write(record), self.path
+        )
+
+    def unfinished_shards(self) -> list[int]:
+        """Shards of the run that have not done their share yet."""
+        return [i for i in range(1, self.plan.shards + 1) if not _finished(self.parts, i)]
+
+    def assemble(self, prune: set[str] | None = None) -> Assembly | None:
+        """Write the output from the parts, once every shard is done; None if some are not.
+
+        Only one process assembles: another that finishes at the same moment
+        leaves it to the first. Removes the parts folder when done.
+        """
+        if self.unfinished_shards():
+            return None
+        try:
+            lock = _take_lock(self.parts / "assemble.lock")
+        except FileNotFoundError:
+            return None  # another process assembled and removed the folder
+        if lock is None:
+            return None
+        try:
+            if not self.parts.exists():
+                return None
+            result = _Assembler(self, prune or set()).run()
+        finally:
+            lock.close()
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return result
 
     def close(self) -> None:
-        """Release the lock; committed parts stay for the next run to continue from."""
-        self._lock.close()
+        """Release the locks; committed parts stay for the next run to continue from."""
+        for lock in self._locks.values():
+            lock.close()
+        self._locks = {}
 
     def discard(self) -> None:
-        """Release the lock and remove the parts folder if this run left nothing in it."""
-        if not self._part_files():
+        """Release the locks and remove the parts folder if no run has left anything in it."""
+        if not self._part_files() and not any(self.parts.glob("shard-*.json")):
             shutil.rmtree(self.parts, ignore_errors=True)
         self.close()
 
     def _part_files(self) -> list[Path]:
         return sorted(self.parts.glob("part-*.npz"))
 
+    def _first_free_part(self, shard: int) -> int:
+        numbers = [int(p.stem.split("-")[2]) for p in self.parts.glob(f"part-{shard:04d}-*.npz")]
+        return 1 + max(numbers, default=0)
+
+    def _assembled(self) -> bool:
+        """Whether the output was already written by this run (a kill before cleaning up)."""
+        with open_hdf5(self.path) as file:
+            return file.attrs.get("parts_id") == self.plan.id
+
+
+# Assembling ------------------------------------------------------------------------------
+
+
+class _Assembler:
+    """Writes one run's parts into the output: in place where it can, else a new file."""
+
+    def __init__(self, store: FeatureStore, prune: set[str]) -> None:
+        self.store = store
+        self.prune = prune
+        self.layout = store.plan.layout
+        self.parts = store._part_files()
+        # A path in several parts (re-read by --update) counts where it was committed last.
+        self.last: dict[str, tuple[int, bool]] = {}
+        for number, part in enumerate(self.parts):
+            rows = _read_part(part)
+            self.last.update((key, (number, True)) for key in rows.paths)
+            self.last.update((key, (number, False)) for key in rows.failed_paths)
+        self.width = path_width(encoded_length(list(self.last)))
+
+    def run(self) -> Assembly:
+        path = self.store.path
+        continuing = path.exists() and (not self.store.plan.overwrite or self.store._assembled())
+        if not continuing:
+            return self._build(source=None)
+        if not self.parts and not self.prune:
+            with open_hdf5(path) as file:
+                return Assembly(0, 0, 0, *committed(file))
+        with writing(path) as writer:
+            moves = writer.moves(
+                [k for k, (_, row) in self.last.items() if row],
+                [k for k, (_, row) in self.last.items() if not row],
+            )
+            if moves or self.prune or writer.width < self.width:
+                self.width = max(self.width, writer.width)
+                drop = moves | self.prune
+            else:
+                return self._append(writer)
+        return self._build(source=path, drop=drop)
+
+    def _append(self, writer) -> Assembly:
+        rows, replaced = writer.rows, self._replaced(writer.row_of)
+        for number, part in enumerate(self.parts):
+            with _signals_deferred():
+                writer.add(self._latest(number, part))
+                writer.commit()
+                part.unlink()
+        return Assembly(writer.rows - rows, replaced, 0, writer.rows, writer.failures)
+
+    def _replaced(self, stored: dict[str, int]) -> int:
+        """How many rows of the file the parts replace."""
+        return sum(1 for key, (_, row) in self.last.items() if row and key in stored)
+
+    def _build(self, source: Path | None, drop: set[str] = frozenset()) -> Assembly:
+        """A new output from ``source``'s rows minus ``drop``, then the parts; renamed in."""
+        path = self.store.path
+        temporary = self.store.parts / "assembling.h5"
+        temporary.unlink(missing_ok=True)
+        need = sum(p.stat().st_size for p in self.parts) + RESERVE_BYTES
+        need += source.stat().st_size if source else 0
+        _require_space(self.store.parts, need, path, "write the output")
+        dropped = 0
+        try:
+            if source is None:
+                create(temporary, self._fresh_layout(), self.width)
+            else:
+                with open_hdf5(source) as file:
+                    attributes = dict(file.attrs)
+                create(temporary, self.layout, self.width)
+                _copy_attributes(temporary, attributes)
+            with writing(temporary) as writer:
+                if source is not None:
+                    _kept, dropped = self._copy(source, writer, drop)
+                appended = replaced = 0
+                for number, part in enumerate(self.parts):
+                    added, again = writer.add(self._latest(number, part))
+                    appended, replaced = appended + added, replaced + again
+                writer.commit()
+                rows, failures = writer.rows, writer.failures
+            _fsync(temporary)
+            os.replace(temporary, path)
+            _fsync_folder(path.parent)
+        except (OSError, RuntimeError) as error:
+            # HDF5 reports a failed write as OSError, or as RuntimeError when closing.
+            temporary.unlink(missing_ok=True)
+            raise _write_error(error, path, temporary) from error
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        return Assembly(appended, replaced, dropped, rows, failures)
+
+    def _copy(self, source: Path, writer, drop: set[str]) -> tuple[int, int]:
+        """Copy ``source``'s rows and failures minus ``drop``; (kept, dropped) rows."""
+        names = [fs.name for fs in self.layout.feature_sets]
+        kept = dropped = 0
+        with open_hdf5(source) as file:
+            rows, failures = committed(file)
+            for _, block in blocks(file, names, rows, self.layout.row_bytes):
+                keep = np.array([key not in drop for key in block.paths], bool)
+                writer.add(
+                    Rows(
+                        paths=[k for k, wanted in zip(block.paths, keep, strict=True) if wanted],
+                        size=block.size[keep],
+                        mtime_ns=block.mtime_ns[keep],
+                        features=tuple(f[keep] for f in block.features),
+                        failed_paths=[],
+                        failed_reasons=[],
+                        failed_size=np.zeros(0, np.int64),
+                        failed_mtime_ns=np.zeros(0, np.int64),
+                    )
+                )
+                kept += int(keep.sum())
+                dropped += int((~keep).sum())
+            paths = read_strings(file["failed/paths"], failures)
+            reasons = read_strings(file["failed/reasons"], failures)
+            sizes, times = stamps(file, "failed", failures)
+            keep = np.array([key not in drop for key in paths], bool)
+            writer.add(
+                Rows(
+                    paths=[],
+                    size=np.zeros(0, np.int64),
+                    mtime_ns=np.zeros(0, np.int64),
+                    features=tuple(
+                        np.zeros((0, *fs.shape), self.layout.settings.dtype)
+                        for fs in self.layout.feature_sets
+                    ),
+                    failed_paths=[p for p, wanted in zip(paths, keep, strict=True) if wanted],
+                    failed_reasons=[r for r, wanted in zip(reasons, keep, strict=True) if wanted],
+                    failed_size=sizes[keep],
+                    failed_mtime_ns=times[keep],
+                )
+            )
+        return kept, dropped
+
+    def _latest(self, number: int, part: Path) -> Rows:
+        """A part's rows and failures, less those a later part moved to the other kind.
+
+        A row that a later part commits again stays: it keeps its place in the
+        order, and the later part replaces it there.
+        """
+        rows = _read_part(part, len(self.layout.feature_sets))
+        mine = np.array([self.last[key][1] for key in rows.paths], bool)
+        failed = np.array([not self.last[key][1] for key in rows.failed_paths], bool)
+        return Rows(
+            paths=[k for k, m in zip(rows.paths, mine, strict=True) if m],
+            size=rows.size[mine] if len(mine) else rows.size,
+            mtime_ns=rows.mtime_ns[mine] if len(mine) else rows.mtime_ns,
+            features=tuple(f[mine] if len(mine) else f for f in rows.features),
+            failed_paths=[k for k, m in zip(rows.failed_paths, failed, strict=True) if m],
+            failed_reasons=[r for r, m in zip(rows.failed_reasons, failed, strict=True) if m],
+            failed_size=rows.failed_size[failed] if len(failed) else rows.failed_size,
+            failed_mtime_ns=rows.failed_mtime_ns[failed] if len(failed) else rows.failed_mtime_ns,
+        )
+
+    def _fresh_layout(self) -> Layout:
+        """The plan's layout, with what the shards learnt computing (versions, hashes)."""
+        attributes = dict(self.layout.attributes)
+        for record in sorted(self.store.parts.glob("shard-*.json")):
+            learnt = json.loads(record.read_text()).get("attributes", {})
+            attributes.update({k: v for k, v in learnt.items() if v not in ("", None)})
+        attributes["parts_id"] = self.store.plan.id
+        return Layout(
+            self.layout.settings, self.layout.feature_sets, self.layout.compression, attributes
+        )
+
+
+def _copy_attributes(path: Path, attributes: dict[str, Any]) -> None:
+    import h5py
+
+    with h5py.File(path, "r+") as file:
+        for key, value in attributes.items():
+            if key not in ("format_version",):
+                file.attrs[key] = value
+
 
 # Opening, step by step ----------------------------------------------------------------
 
 
-def _parts_folder(path: Path) -> Path:
+def parts_folder(path: Path) -> Path:
     return path.with_name(path.name + ".parts")
+
+
+def _home(path: Path) -> Path:
+    """The folder stored paths are relative to: the output's, every link resolved."""
+    return Path(os.path.realpath(path.absolute().parent))
+
+
+def locate(key: str, home: Path) -> str | None:
+    """Where the file stored as ``key`` (relative to ``home``) is now, or None if it is gone."""
+    path = os.path.join(home, key)
+    if os.path.lexists(path):
+        return path
+    if "\\x" in path:
+        raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m[1], 16)]), path.encode())
+        if os.path.lexists(raw):
+            return os.fsdecode(raw)
+    return None
+
+
+def _printable(path: str) -> str:
+    """A path as stored: valid UTF-8, bytes that are not shown as \\xNN."""
+    return path.encode(sys.getfilesystemencoding(), "surrogateescape").decode(
+        "utf-8", "backslashreplace"
+    )
 
 
 def _check_writable(path: Path) -> None:
@@ -352,67 +680,49 @@ def _check_writable(path: Path) -> None:
         raise OutputError(f"cannot write output {path}: no permission to write in {parent}")
 
 
-def _lock(parts: Path, path: Path):
-    """An exclusive lock on the output, held by an open file; refused at once if taken."""
-    lock = (parts / "lock").open("a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "unknown"
-        lock.close()
-        raise OutputError(
-            f"output {path} is in use by process {holder}; wait for it to finish, "
-            "or choose another -o"
-        ) from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(str(os.getpid()))
-    lock.flush()
-    return lock
-
-
-def _continue_parts(
-    parts: Path, path: Path, plan: dict[str, Any], settings: Settings, overwrite: bool
-) -> dict[str, Any]:
-    """The plan of the parts already in ``parts``, or ``plan`` written there for a fresh start."""
-    for leftover in parts.glob("*.tmp"):
-        leftover.unlink(missing_ok=True)  # a part or plan a killed run was writing
-    record = parts / "run.json"
-    if record.exists():
-        earlier = json.loads(record.read_text())
-        differences = Settings.from_dict(earlier["settings"]).differences(settings)
-        if not differences and earlier["overwrite"] == overwrite:
-            return earlier
-        if differences and not overwrite:
-            raise OutputError(
-                f"output {path} has an unfinished run with other settings "
-                f"({'; '.join(differences)}); run with those settings to finish it, "
-                "or --overwrite to start again"
-            )
-    for stale in parts.glob("part-*.npz"):
-        stale.unlink()
-    _write_atomically(record, lambda file: file.write(json.dumps(plan).encode()), path)
-    return plan
-
-
-def _existing_output(path: Path, settings: Settings, plan_id: str, parts: Path) -> Path | None:
-    """The output to continue, after checking it is a vggfeat file with the same settings."""
+def read_attributes(path: Path) -> dict[str, Any]:
+    """A vggfeat file's root attributes; ``OutputError`` if it is not one or cannot be read."""
     import h5py
 
-    if not path.exists():
-        return None
-    stored = None
-    if h5py.is_hdf5(path):
-        with h5py.File(path, "r") as file:
-            if file.attrs.get("format") == "vggfeat" and "settings" in file.attrs:
-                stored = Settings.from_dict(json.loads(file.attrs["settings"]))
-                assembled = file.attrs.get("parts_id") == plan_id
-    if stored is None:
+    try:
+        if not h5py.is_hdf5(path):
+            raise OutputError(
+                f"{path} is not a vggfeat file (not HDF5); choose another -o, "
+                "or --overwrite to replace it"
+            )
+        with open_hdf5(path) as file:
+            attributes = {
+                key: value.decode() if isinstance(value, bytes) else value
+                for key, value in file.attrs.items()
+            }
+    except OSError as error:
         raise OutputError(
-            f"output {path} exists and is not a vggfeat file; "
-            "choose another -o, or --overwrite to replace it"
+            f"{path} is damaged and cannot be read ({_first_line(error)}); "
+            "--overwrite replaces it, -o writes elsewhere"
+        ) from None
+    if attributes.get("format") != "vggfeat" or "settings" not in attributes:
+        raise OutputError(
+            f"{path} is not a vggfeat file; choose another -o, or --overwrite to replace it"
         )
+    version = int(attributes.get("format_version", 0))
+    if version > FORMAT_VERSION:
+        raise OutputError(
+            f"{path} is in format {version}, newer than this vggfeat reads ({FORMAT_VERSION}); "
+            "upgrade vggfeat (pip install -U vggfeat)"
+        )
+    return attributes
+
+
+def _check_output(path: Path, settings: Settings) -> None:
+    """The output to continue is a vggfeat file of this format with the same settings."""
+    attributes = read_attributes(path)
+    if int(attributes["format_version"]) < FORMAT_VERSION:
+        raise OutputError(
+            f"{path} was written by an older vggfeat (format {attributes['format_version']}); "
+            f"this one reads it but continues only format {FORMAT_VERSION}: --overwrite "
+            "recomputes it, -o writes a new file"
+        )
+    stored = Settings.from_dict(json.loads(attributes["settings"]))
     differences = stored.differences(settings)
     if differences:
         raise OutputError(
@@ -420,14 +730,165 @@ def _existing_output(path: Path, settings: Settings, plan_id: str, parts: Path) 
             "run with the file's settings to continue it, --overwrite to replace it, "
             "or -o for a new file"
         )
-    if assembled:
-        # A run was killed after its output was in place but before it removed its parts.
-        for part in parts.glob("part-*.npz"):
-            part.unlink()
-    return path
+
+
+def _read_plan(parts: Path, path: Path) -> _Plan | None:
+    try:
+        return _Plan.from_json((parts / "run.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise OutputError(
+            f"the unfinished run in {parts} cannot be read ({error}); delete that folder "
+            "to abandon it and run again"
+        ) from None
+
+
+def _abandoned(earlier: _Plan, layout: Layout) -> bool:
+    """Whether an unfinished run is to be thrown away: --overwrite with other settings."""
+    return bool(earlier.layout.settings.differences(layout.settings))
+
+
+def _check_unfinished(
+    earlier: _Plan, path: Path, settings: Settings, overwrite: bool, shard: Shard | None
+) -> None:
+    """Refuse a run that does not fit the unfinished one in the parts folder."""
+    parts = parts_folder(path)
+    differences = earlier.layout.settings.differences(settings)
+    how = "with --overwrite " if earlier.overwrite else ""
+    if differences and not overwrite:
+        raise OutputError(
+            f"output {path} has an unfinished run {how}with other settings "
+            f"({'; '.join(differences)}) in {parts}; run that command to finish it, "
+            f"--overwrite to replace it with this one, or delete {parts} to abandon it"
+        )
+    if differences:
+        return  # --overwrite starts again
+    if earlier.overwrite != overwrite:
+        if earlier.overwrite:
+            raise OutputError(
+                f"output {path} has an unfinished --overwrite run in {parts}; add --overwrite "
+                f"to finish it, or delete {parts} to abandon it and keep {path} as it is"
+            )
+        raise OutputError(
+            f"output {path} has an unfinished run that adds to it in {parts}; run without "
+            f"--overwrite to finish it, or delete {parts} to abandon it first"
+        )
+    if shard is not None and shard.count != earlier.shards:
+        raise OutputError(
+            f"output {path} has an unfinished run split into {earlier.shards} shards; "
+            f"run --shard K/{earlier.shards} for each K, or without --shard to finish them all"
+        )
+
+
+def _claim_plan(parts: Path, path: Path, plan: _Plan) -> _Plan:
+    """Record ``plan`` as the run's, unless another process recorded one first: then that one."""
+    record = parts / "run.json"
+    temporary = parts / f"run.json.{os.getpid()}.tmp"
+    _write_atomically(temporary, lambda file: file.write(plan.to_json().encode()), path)
+    try:
+        os.link(temporary, record)
+    except FileExistsError:
+        pass
+    finally:
+        temporary.unlink(missing_ok=True)
+    _fsync_folder(parts)
+    return _read_plan(parts, path) or plan
+
+
+def _finished(parts: Path, shard: int) -> bool:
+    return (parts / f"shard-{shard:04d}.json").exists()
+
+
+def _clear_parts(parts: Path) -> None:
+    for stale in [*parts.glob("part-*.npz"), *parts.glob("shard-*.json")]:
+        stale.unlink()
+    (parts / "assembling.h5").unlink(missing_ok=True)
+
+
+def _lock_shards(parts: Path, path: Path, count: int, wanted) -> dict[int, Any]:
+    """Locks on the ``wanted`` shards of ``count``; refused at once if another process holds one."""
+    locks: dict[int, Any] = {}
+    try:
+        for index in wanted:
+            lock = _take_lock(parts / f"shard-{index:04d}.lock")
+            if lock is None:
+                holder = (parts / f"shard-{index:04d}.lock").read_text().strip() or "unknown"
+                what = (
+                    f"output {path} is in use"
+                    if count == 1
+                    else (f"shard {index}/{count} of output {path} is being done")
+                )
+                raise OutputError(
+                    f"{what} by process {holder}; wait for it to finish, or choose another -o"
+                )
+            locks[index] = lock
+    except BaseException:
+        for lock in locks.values():
+            lock.close()
+        raise
+    return locks
+
+
+def _take_lock(path: Path):
+    """An exclusive lock held by an open file, with our PID in it; None if another holds it."""
+    lock = path.open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+# Parts ----------------------------------------------------------------------------------
+
+
+def _read_part(part: Path, features: int = 0) -> Rows:
+    """A part's rows and failures, with its first ``features`` feature arrays."""
+    with np.load(part) as data:
+        return Rows(
+            paths=data["paths"].tolist(),
+            size=data["size"],
+            mtime_ns=data["mtime_ns"],
+            features=tuple(data[f"features_{index}"] for index in range(features)),
+            failed_paths=data["failed_paths"].tolist(),
+            failed_reasons=data["failed_reasons"].tolist(),
+            failed_size=data["failed_size"],
+            failed_mtime_ns=data["failed_mtime_ns"],
+        )
+
+
+def _strings(values: list[str]) -> np.ndarray:
+    return np.array(values, dtype=str) if values else np.zeros(0, dtype="<U1")
 
 
 # Writing safely -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block is done, then deliver them (main thread only).
+
+    Masking the signal would not do: the process's other threads would take it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, lambda n, _: caught.append(n)) for number in held}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(caught):
+            signal.raise_signal(number)
 
 
 def _write_atomically(target: Path, write: Callable[[Any], None], output: Path) -> None:
@@ -445,6 +906,11 @@ def _write_atomically(target: Path, write: Callable[[Any], None], output: Path) 
         raise _write_error(error, output, target) from error
 
 
+def _fsync(path: Path) -> None:
+    with path.open("rb") as file:
+        os.fsync(file.fileno())
+
+
 def _fsync_folder(folder: Path) -> None:
     descriptor = os.open(folder, os.O_RDONLY)
     try:
@@ -454,7 +920,7 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def _write_error(error: Exception, output: Path, target: Path) -> OutputError:
-    kept = f"completed work is kept in {_parts_folder(output)}"
+    kept = f"completed work is kept in {parts_folder(output)}"
     code = getattr(error, "errno", None)
     if code is None:  # HDF5 puts the system's errno in its message
         found = re.search(r"errno = (\d+)", str(error))
@@ -470,8 +936,12 @@ def _write_error(error: Exception, output: Path, target: Path) -> OutputError:
             f"file size limit reached writing {target} (see 'ulimit -f'); {kept}: "
             "raise the limit and run the same command to continue"
         )
-    reason = getattr(error, "strerror", None) or error
+    reason = getattr(error, "strerror", None) or _first_line(error)
     return OutputError(f"cannot write {target}: {reason}; {kept}")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _require_space(folder: Path, need: int, output: Path, purpose: str) -> None:
@@ -480,7 +950,7 @@ def _require_space(folder: Path, need: int, output: Path, purpose: str) -> None:
         raise OutputError(
             f"not enough free space to {purpose}: {_size(free)} free on the disk holding "
             f"{output}, about {_size(need)} needed; completed work is kept in "
-            f"{_parts_folder(output)}: free some space and run the same command to continue"
+            f"{parts_folder(output)}: free some space and run the same command to continue"
         )
 
 
@@ -492,178 +962,108 @@ def _size(count: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _strings(values: list[str]) -> np.ndarray:
-    return np.array(values, dtype=str) if values else np.zeros(0, dtype="<U1")
-
-
-def _part_number(part: Path) -> int:
-    return int(part.stem.split("-")[1])
-
-
-def _stamps_of(group, count: int) -> tuple[list[int], list[int]]:
-    if "size" in group and "mtime_ns" in group:
-        return group["size"][()].tolist(), group["mtime_ns"][()].tolist()
-    if "source" in group:
-        return group["source/size"][()].tolist(), group["source/mtime_ns"][()].tolist()
-    return [-1] * count, [-1] * count
-
-
-# Assembling ------------------------------------------------------------------------------
-
-
-def _assemble(
-    path: Path,
-    plan: dict[str, Any],
-    base: Path | None,
-    parts: list[Path],
-    prune: Callable[[str], bool] | None,
-) -> int:
-    """Write the output from ``base`` and ``parts`` to a temporary file, then rename it in."""
-    import h5py
-
-    superseded: set[str] = set()
-    for part in parts:
-        with np.load(part) as data:
-            superseded.update(data["paths"].tolist())
-            superseded.update(data["failed_paths"].tolist())
-    need = sum(p.stat().st_size for p in parts) + RESERVE_BYTES
-    if base is not None:
-        need += base.stat().st_size
-    _require_space(path.parent, need, path, "assemble the output")
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(temporary, "w") as out:
-            writer = _OutputWriter(out, plan)
-            if base is not None:
-                with h5py.File(base, "r") as file:
-                    writer.copy_base(file, superseded, prune)
-            for part in parts:
-                with np.load(part) as data:
-                    writer.add_part(data)
-            rows = writer.rows
-        with temporary.open("rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-        _fsync_folder(path.parent)
-    except (OSError, RuntimeError) as error:
-        # HDF5 reports a failed write as OSError, or as RuntimeError when closing.
-        temporary.unlink(missing_ok=True)
-        raise _write_error(error, path, temporary) from error
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return rows
-
-
-class _OutputWriter:
-    """Lays out a new output file and appends rows and failures to it."""
-
-    def __init__(self, file, plan: dict[str, Any]) -> None:
-        import h5py
-
-        self.file = file
-        text = h5py.string_dtype("utf-8")
-        settings = plan["settings"]
-        file.attrs["format"] = "vggfeat"
-        file.attrs["format_version"] = FORMAT_VERSION
-        file.attrs["settings"] = json.dumps(settings)
-        file.attrs["parts_id"] = plan["id"]
-        for key, value in {**settings, **plan["attributes"]}.items():
-            file.attrs[key] = value
-        file.create_dataset("paths", (0,), text, maxshape=(None,), chunks=(4096,))
-        for name in ("source/size", "source/mtime_ns", "failed/size", "failed/mtime_ns"):
-            file.create_dataset(name, (0,), np.int64, maxshape=(None,), chunks=(4096,))
-        for name in ("failed/paths", "failed/reasons"):
-            file.create_dataset(name, (0,), text, maxshape=(None,), chunks=(1024,))
-        dtype = np.dtype(settings["dtype"])
-        compression = plan["compression"]
-        options = {} if compression == "none" else {"compression": compression}
-        self.names = [feature_set["name"] for feature_set in plan["feature_sets"]]
-        self.features = []
-        for feature_set in plan["feature_sets"]:
-            shape = tuple(feature_set["shape"])
-            rows = max(1, min(1024, CHUNK_BYTES // (math.prod(shape) * dtype.itemsize)))
-            dataset = file.create_dataset(
-                f"features/{feature_set['name']}",
-                (0, *shape),
-                dtype,
-                maxshape=(None, *shape),
-                chunks=(rows, *shape),
-                **options,
-            )
-            dataset.attrs["keras_layer"] = feature_set["keras_layer"]
-            dataset.attrs["pooling"] = feature_set["pooling"]
-            self.features.append(dataset)
-
-    @property
-    def rows(self) -> int:
-        return len(self.file["paths"])
-
-    def copy_base(self, base, superseded: set[str], prune) -> None:
-        """Copy an earlier output's rows and failures, block by block, minus the dropped."""
-        paths = base["paths"].asstr()[()]
-        sizes, times = _stamps_of(base, len(paths))
-        block = 4096
-        for start in range(0, len(paths), block):
-            chunk = paths[start : start + block]
-            keep = np.array([p not in superseded and not (prune and prune(p)) for p in chunk], bool)
-            features = [
-                base[f"features/{name}"][start : start + block][keep] for name in self.names
-            ]
-            self._extend_rows(
-                chunk[keep].tolist(),
-                np.asarray(sizes[start : start + block])[keep],
-                np.asarray(times[start : start + block])[keep],
-                features,
-            )
-        failed = base["failed/paths"].asstr()[()]
-        reasons = base["failed/reasons"].asstr()[()]
-        failed_sizes, failed_times = _stamps_of(base["failed"], len(failed))
-        keep = [i for i, p in enumerate(failed) if p not in superseded and not (prune and prune(p))]
-        self._extend_failures(
-            [failed[i] for i in keep],
-            [reasons[i] for i in keep],
-            [failed_sizes[i] for i in keep],
-            [failed_times[i] for i in keep],
-        )
-
-    def add_part(self, data) -> None:
-        self._extend_rows(
-            data["paths"].tolist(),
-            data["size"],
-            data["mtime_ns"],
-            [data[f"features_{index}"] for index in range(len(self.features))],
-        )
-        self._extend_failures(
-            data["failed_paths"].tolist(),
-            data["failed_reasons"].tolist(),
-            data["failed_size"].tolist(),
-            data["failed_mtime_ns"].tolist(),
-        )
-
-    def _extend_rows(self, paths, sizes, times, features) -> None:
-        _extend(self.file["paths"], paths)
-        _extend(self.file["source/size"], sizes)
-        _extend(self.file["source/mtime_ns"], times)
-        for dataset, values in zip(self.features, features, strict=True):
-            _extend(dataset, values)
-
-    def _extend_failures(self, paths, reasons, sizes, times) -> None:
-        _extend(self.file["failed/paths"], paths)
-        _extend(self.file["failed/reasons"], reasons)
-        _extend(self.file["failed/size"], sizes)
-        _extend(self.file["failed/mtime_ns"], times)
-
-
-def _extend(dataset, values) -> None:
-    if len(values) == 0:
-        return
-    start = len(dataset)
-    dataset.resize(start + len(values), axis=0)
-    dataset[start:] = values
-
-
 # Reading ---------------------------------------------------------------------------------
+
+
+class FeatureFile:
+    """A vggfeat file opened for reading; nothing is read until asked for.
+
+    ``paths`` and ``features[name]`` are ``Column``s: ``len``, indexing and
+    slicing read only the rows asked for. They cover the rows the file holds
+    and then, for an unfinished run, the rows committed in parts so far
+    (``pending`` of them). Use as a context manager.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.home = _home(path)
+        self._file = None
+        self._plan = _read_plan(parts_folder(path), path)
+        self._parts = sorted(parts_folder(path).glob("part-*.npz")) if self._plan else []
+        if path.exists():
+            self.attributes = read_attributes(path)
+            self._file = open_hdf5(path)
+            self.rows, self._failures = committed(self._file)
+        elif self._plan is not None:
+            self.attributes = {**asdict(self._plan.layout.settings), **self._plan.layout.attributes}
+            self.rows = self._failures = 0
+        else:
+            raise OutputError(f"{path} does not exist")
+        self._part_rows = [_read_part(p) for p in self._parts]
+        self.pending = sum(len(rows.paths) for rows in self._part_rows)
+
+    def __enter__(self) -> FeatureFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    @cached_property
+    def paths(self) -> Column:
+        """Each row's image as stored: relative to the file's folder, or absolute."""
+        segments: list[tuple[int, Callable[[slice], Any]]] = []
+        if self._file is not None:
+            dataset = self._file["paths"]
+            segments.append((self.rows, lambda s: dataset[s]))
+        for _part, rows in zip(self._parts, self._part_rows, strict=True):
+            segments.append((len(rows.paths), lambda s, rows=rows: rows.paths[s]))
+        return Column(segments, convert=decode_strings)
+
+    @cached_property
+    def features(self) -> dict[str, Column]:
+        """One ``Column`` per stored layer, (N, ...) float32 or float16."""
+        names = (
+            feature_names(self._file)
+            if self._file is not None
+            else [fs.name for fs in self._plan.layout.feature_sets]
+        )
+        columns = {}
+        for index, name in enumerate(names):
+            segments: list[tuple[int, Callable[[slice], Any]]] = []
+            if self._file is not None:
+                dataset = self._file[f"features/{name}"]
+                segments.append((self.rows, lambda s, d=dataset: d[s]))
+            for part, rows in zip(self._parts, self._part_rows, strict=True):
+                segments.append(
+                    (len(rows.paths), lambda s, p=part, i=index: _part_array(p, f"features_{i}", s))
+                )
+            columns[name] = Column(segments)
+        return columns
+
+    @cached_property
+    def failed(self) -> dict[str, str]:
+        """Each file that could not be used, with the reason."""
+        failed: dict[str, str] = {}
+        if self._file is not None:
+            failed.update(
+                zip(
+                    read_strings(self._file["failed/paths"], self._failures),
+                    read_strings(self._file["failed/reasons"], self._failures),
+                    strict=True,
+                )
+            )
+        for rows in self._part_rows:
+            failed.update(zip(rows.failed_paths, rows.failed_reasons, strict=True))
+        return failed
+
+    def locate(self, stored: str) -> str | None:
+        """Where the image stored as ``stored`` is now, or None if it is gone."""
+        return locate(stored, self.home)
+
+
+def _part_array(part: Path, name: str, rows: slice) -> np.ndarray:
+    with np.load(part) as data:
+        return data[name][rows]
+
+
+def open_features(path: str | os.PathLike) -> FeatureFile:
+    """Open a vggfeat file for reading rows on demand: ``with vggfeat.open(p) as f: ...``."""
+    return FeatureFile(Path(path))
 
 
 @dataclass(frozen=True)
@@ -681,26 +1081,15 @@ class Features:
 
 
 def load(path: str | os.PathLike) -> Features:
-    """Read a vggfeat HDF5 file into memory.
+    """Read a vggfeat HDF5 file into memory (``vggfeat.open`` reads on demand).
 
     ``paths`` has one entry per row; ``features[name]`` is an (N, ...) array
     per stored layer; ``failed`` maps each unusable file to its reason.
     """
-    import h5py
-
-    with h5py.File(path, "r") as file:
+    with open_features(path) as file:
         return Features(
-            paths=list(file["paths"].asstr()[()]),
-            features={name: dataset[()] for name, dataset in file["features"].items()},
-            failed=dict(
-                zip(
-                    file["failed/paths"].asstr()[()],
-                    file["failed/reasons"].asstr()[()],
-                    strict=True,
-                )
-            ),
-            attributes={
-                key: value.decode() if isinstance(value, bytes) else value
-                for key, value in file.attrs.items()
-            },
+            paths=list(file.paths),
+            features={name: column[:] for name, column in file.features.items()},
+            failed=file.failed,
+            attributes=file.attributes,
         )

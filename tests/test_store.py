@@ -1,0 +1,477 @@
+"""The store: one identity per image, refusals that change nothing, continuing in place, shards.
+
+Each test here failed on the store that assembled a new file from parts on
+every run (issue 8). Tiny images and a conv cut keep them fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import vggfeat
+from vggfeat import network as network_module
+from vggfeat.cli import ExitCode, cli
+from vggfeat.errors import VggfeatError
+from vggfeat.pipeline import Interrupted, Progress, extract
+from vggfeat.store import FeatureStore
+
+OPTIONS = {"layers": ["pool1"], "pool": "avg", "image_size": 32, "weights": "random"}
+FLAGS = ["--layer", "pool1", "--pool", "avg", "--image-size", "32", "--weights", "random"]
+
+
+def make_images(folder, count: int, seed: int = 0, start: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(start, start + count):
+        path = folder / f"img{index:03d}.png"
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def interrupt_after(count: int):
+    def stop(progress: Progress) -> None:
+        if progress.done >= count:
+            raise KeyboardInterrupt
+
+    return stop
+
+
+def listing(folder) -> dict[str, float]:
+    """Every file under ``folder`` with its modification time."""
+    return {
+        os.path.join(root, name): os.stat(os.path.join(root, name)).st_mtime_ns
+        for root, _, names in os.walk(folder)
+        for name in names
+    }
+
+
+def parts(output) -> list[str]:
+    return sorted(p.name for p in output.with_name(output.name + ".parts").glob("part-*.npz"))
+
+
+# 1. Refusals change nothing on disk ---------------------------------------------------------
+
+
+def test_a_refused_command_leaves_nothing_and_blocks_nothing(tmp_path):
+    make_images(tmp_path / "photos", 2)
+    args = ["extract", str(tmp_path / "photos"), "-o", str(tmp_path / "a.h5"), "--quiet"]
+    assert invoke(*args, *FLAGS).exit_code == 0
+    before = listing(tmp_path)
+    refused = invoke(*args, *FLAGS, "--layer", "pool2")
+    assert refused.exit_code == ExitCode.ERROR
+    assert "other settings" in refused.output
+    assert listing(tmp_path) == before
+    again = invoke(*args, *FLAGS)
+    assert again.exit_code == 0, again.output
+
+
+def test_an_unfinished_run_of_other_settings_is_named_not_silently_blocking(tmp_path):
+    make_images(tmp_path / "photos", 6)
+    output = tmp_path / "a.h5"
+    extract([tmp_path / "photos"], output, **OPTIONS)
+    with pytest.raises(Interrupted):
+        extract(
+            [tmp_path / "photos"],
+            output,
+            **{**OPTIONS, "pool": "max"},
+            overwrite=True,
+            commit_every=1,
+            batch_size=1,
+            on_progress=interrupt_after(2),
+        )
+    kept = parts(output)
+    assert kept
+    before = listing(tmp_path)
+    with pytest.raises(VggfeatError) as refused:
+        extract([tmp_path / "photos"], output, **OPTIONS)
+    message = str(refused.value)
+    assert "unfinished run with --overwrite with other settings" in message
+    assert "--pool max in the file, avg now" in message and f"delete {output}.parts" in message
+    assert listing(tmp_path) == before
+    # Finishing the unfinished run uses its parts.
+    done = extract([tmp_path / "photos"], output, **{**OPTIONS, "pool": "max"}, overwrite=True)
+    assert done.already >= 2 and done.rows == 6
+
+
+def test_an_interrupted_overwrite_repeated_without_it_keeps_its_work(tmp_path):
+    make_images(tmp_path / "photos", 6)
+    output = tmp_path / "a.h5"
+    extract([tmp_path / "photos"], output, **OPTIONS)
+    with pytest.raises(Interrupted):
+        extract(
+            [tmp_path / "photos"],
+            output,
+            **OPTIONS,
+            overwrite=True,
+            commit_every=1,
+            batch_size=1,
+            on_progress=interrupt_after(3),
+        )
+    kept = parts(output)
+    with pytest.raises(VggfeatError, match="unfinished --overwrite run"):
+        extract([tmp_path / "photos"], output, **OPTIONS)
+    assert parts(output) == kept
+    finished = extract([tmp_path / "photos"], output, **OPTIONS, overwrite=True)
+    assert (finished.already, finished.computed, finished.rows) == (len(kept), 6 - len(kept), 6)
+
+
+def test_damaged_newer_and_other_files_are_one_line_errors(tmp_path):
+    make_images(tmp_path / "photos", 1)
+    output = tmp_path / "a.h5"
+    extract([tmp_path / "photos"], output, **OPTIONS)
+    data = output.read_bytes()
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(data[: len(data) // 3])
+    newer = tmp_path / "newer.h5"
+    newer.write_bytes(data)
+    with h5py.File(newer, "r+") as file:
+        file.attrs["format_version"] = 99
+    for name, expected in (("truncated.h5", "is damaged"), ("newer.h5", "format 99, newer")):
+        result = invoke("extract", str(tmp_path / "photos"), "-o", str(tmp_path / name), *FLAGS)
+        assert result.exit_code == ExitCode.ERROR
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.output
+        assert not (tmp_path / f"{name}.parts").exists()
+    with pytest.raises(VggfeatError, match="newer than this vggfeat reads"):
+        vggfeat.load(newer)
+
+
+# 2. One identity per image ------------------------------------------------------------------
+
+
+def test_one_row_per_image_however_its_path_is_spelt(tmp_path, monkeypatch):
+    make_images(tmp_path / "photos", 3)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "photos")
+    output = tmp_path / "f.h5"
+    monkeypatch.chdir(tmp_path)
+    first = extract(["photos"], output, **OPTIONS)
+    assert first.computed == 3
+    stored = vggfeat.load(output).paths
+    assert stored == ["photos/img000.png", "photos/img001.png", "photos/img002.png"]
+    spellings = [
+        (tmp_path, str(tmp_path / "photos")),
+        (tmp_path, "./photos/"),
+        (tmp_path, "link"),
+        (tmp_path, "photos/../photos"),
+        (tmp_path / "elsewhere", "../photos"),
+    ]
+    for folder, spelling in spellings:
+        monkeypatch.chdir(folder)
+        again = extract([spelling], output, **OPTIONS)
+        assert (again.computed, again.already, again.rows) == (0, 3, 3), spelling
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    both = extract(["../photos", str(tmp_path / "link")], output, **OPTIONS, prune=True)
+    assert (both.computed, both.dropped, both.rows) == (0, 0, 3)
+    assert vggfeat.load(output).paths == stored
+
+
+def test_paths_outside_the_outputs_folder_are_absolute_and_found_again(tmp_path):
+    photos = make_images(tmp_path / "photos", 2)
+    (tmp_path / "out").mkdir()
+    output = tmp_path / "out" / "f.h5"
+    extract([tmp_path / "photos"], output, **OPTIONS)
+    with vggfeat.open(output) as file:
+        assert list(file.paths) == photos
+        assert [file.locate(p) for p in file.paths] == photos
+
+
+def test_a_prune_that_would_drop_every_row_asks_first(tmp_path):
+    make_images(tmp_path / "photos", 2)
+    output = tmp_path / "f.h5"
+    extract([tmp_path / "photos"], output, **OPTIONS)
+    (tmp_path / "photos").rename(tmp_path / "moved")
+    make_images(tmp_path / "other", 1, seed=3)
+    with pytest.raises(VggfeatError, match="would drop all 2 rows"):
+        extract([tmp_path / "other"], output, **OPTIONS, prune=True)
+    assert vggfeat.load(output).paths == ["photos/img000.png", "photos/img001.png"]
+    assert not (tmp_path / "f.h5.parts").exists()
+    result = invoke("extract", str(tmp_path / "other"), "-o", str(output), *FLAGS, "--prune")
+    assert result.exit_code == ExitCode.ERROR and "--yes" in result.output
+    confirmed = extract([tmp_path / "other"], output, **OPTIONS, prune=True, yes=True)
+    assert (confirmed.dropped, confirmed.stored, confirmed.rows) == (2, 1, 1)
+
+
+def test_file_names_that_are_not_utf8_are_done_once_and_not_pruned(tmp_path):
+    photos = tmp_path / "photos"
+    make_images(photos, 1)
+    odd = os.path.join(os.fsencode(photos), b"caf\xe9.png")
+    with open(odd, "wb") as file:
+        Image.new("RGB", (32, 32), (9, 9, 9)).save(file, format="PNG")
+    output = tmp_path / "f.h5"
+    first = extract([photos], output, **OPTIONS)
+    assert first.computed == 2
+    assert "photos/caf\\xe9.png" in vggfeat.load(output).paths
+    again = extract([photos], output, **OPTIONS, prune=True)
+    assert (again.computed, again.dropped, again.rows) == (0, 0, 2)
+
+
+# 3-6. Updates, overwrites, failures and signals never double or lose a row --------------------
+
+
+def test_update_of_an_image_already_in_a_part_gives_one_row(tmp_path):
+    paths = make_images(tmp_path / "photos", 6)
+    output = tmp_path / "f.h5"
+    with pytest.raises(Interrupted):
+        extract(
+            [tmp_path / "photos"],
+            output,
+            **OPTIONS,
+            commit_every=2,
+            batch_size=2,
+            on_progress=interrupt_after(4),
+        )
+    assert parts(output)
+    Image.new("RGB", (32, 32), (250, 0, 0)).save(paths[0])
+    os.utime(paths[0], ns=(1, 10**18))
+    finished = extract([tmp_path / "photos"], output, **OPTIONS, update=True)
+    loaded = vggfeat.load(output)
+    assert loaded.paths == [f"photos/img{i:03d}.png" for i in range(6)]
+    assert (finished.computed, finished.rows) == (3, 6)
+    extract([paths[0]], tmp_path / "fresh.h5", **OPTIONS)
+    np.testing.assert_array_equal(
+        loaded.features["pool1"][0], vggfeat.load(tmp_path / "fresh.h5").features["pool1"][0]
+    )
+
+
+def test_failures_alone_are_committed_and_reported(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(12):
+        (photos / f"bad{index:02d}.jpg").write_text("not an image")
+    reports: list[Progress] = []
+
+    def watch(progress: Progress) -> None:
+        reports.append(progress)
+        if progress.failed >= 9:
+            raise KeyboardInterrupt
+
+    output = tmp_path / "f.h5"
+    with pytest.raises(Interrupted):
+        extract([photos], output, **OPTIONS, commit_every=4, on_progress=watch)
+    assert [r.failed for r in reports if r.done] == list(range(1, 10))
+    committed = output.with_name("f.h5.parts")
+    kept = sum(len(np.load(p)["failed_paths"]) for p in committed.glob("part-*.npz"))
+    assert kept == 9
+    finished = extract([photos], output, **OPTIONS)
+    assert (len(finished.failures), finished.rows) == (3, 0)
+    assert len(vggfeat.load(output).failed) == 12
+
+
+def test_a_signal_during_a_commit_waits_for_it_and_writes_rows_once(tmp_path, monkeypatch):
+    make_images(tmp_path / "photos", 4)
+    output = tmp_path / "f.h5"
+    savez = np.savez
+
+    def savez_then_signal(file, **arrays):
+        savez(file, **arrays)
+        if len(arrays["paths"]):
+            os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of the commit
+
+    monkeypatch.setattr("vggfeat.store.np.savez", savez_then_signal)
+    with pytest.raises(Interrupted):
+        extract([tmp_path / "photos"], output, **OPTIONS, commit_every=2, batch_size=2)
+    monkeypatch.undo()
+    finished = extract([tmp_path / "photos"], output, **OPTIONS)
+    assert vggfeat.load(output).paths == [f"photos/img{i:03d}.png" for i in range(4)]
+    assert (finished.already, finished.rows) == (2, 4)
+
+
+# 7-8, 10. What a file records and what a continued run must match -----------------------------
+
+
+def test_a_run_that_only_assembles_records_versions_and_hash(tmp_path, weight_files, monkeypatch):
+    make_images(tmp_path / "photos", 3)
+    weights = weight_files(16)
+    options = {**OPTIONS, "weights": weights}
+    output = tmp_path / "f.h5"
+
+    def killed(self, prune=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FeatureStore, "assemble", killed)
+    with pytest.raises(Interrupted):
+        extract([tmp_path / "photos"], output, **options)
+    monkeypatch.undo()
+    only = extract([tmp_path / "photos"], output, **options)
+    assert (only.computed, only.stored, only.rows) == (0, 3, 3)
+    attributes = vggfeat.load(output).attributes
+    assert attributes["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    for key in ("vggfeat_version", "tensorflow_version", "keras_version"):
+        assert attributes[key]
+
+
+def test_rows_computed_in_other_precisions_are_not_mixed(tmp_path, monkeypatch):
+    make_images(tmp_path / "photos", 1)
+    output = tmp_path / "f.h5"
+    extract([tmp_path / "photos"], output, **OPTIONS)
+    monkeypatch.setattr(network_module, "cpu_has_fast_bfloat16", lambda: True)
+    with pytest.raises(VggfeatError, match=r"--precision \(computing in\) float32 in the file"):
+        extract([tmp_path / "photos"], output, **OPTIONS, precision="mixed")
+    monkeypatch.setattr(network_module, "cpu_has_fast_bfloat16", lambda: False)
+    same = extract([tmp_path / "photos"], output, **OPTIONS, precision="mixed")
+    assert same.already == 1
+
+
+def test_a_seed_means_nothing_to_weights_from_a_file(tmp_path, weight_files):
+    make_images(tmp_path / "photos", 1)
+    options = {**OPTIONS, "weights": weight_files(16)}
+    output = tmp_path / "f.h5"
+    extract([tmp_path / "photos"], output, **options)
+    assert extract([tmp_path / "photos"], output, **options, seed=7).already == 1
+    extract([tmp_path / "photos"], tmp_path / "r.h5", **OPTIONS, seed=1)
+    with pytest.raises(VggfeatError, match="--seed 1 in the file, 2 now"):
+        extract([tmp_path / "photos"], tmp_path / "r.h5", **OPTIONS, seed=2)
+
+
+def test_the_pixel_limit_is_restored(tmp_path):
+    from PIL import Image as PilImage
+
+    limit = PilImage.MAX_IMAGE_PIXELS
+    make_images(tmp_path / "photos", 1)
+    extract([tmp_path / "photos"], tmp_path / "f.h5", **OPTIONS, max_pixels=limit * 10)
+    assert limit == PilImage.MAX_IMAGE_PIXELS
+
+
+def test_older_formats_are_read_and_not_continued(tmp_path):
+    make_images(tmp_path / "photos", 1)
+    old = tmp_path / "old.h5"
+    text = h5py.string_dtype("utf-8")
+    with h5py.File(old, "w") as file:  # format 2 as vggfeat 0.1.0 wrote it
+        settings = {"depth": 16, "layers": ["pool1"], "pooling": "avg", "weights": "random"}
+        file.attrs.update(format="vggfeat", format_version=2, settings=json.dumps(settings))
+        file.create_dataset("paths", data=["photos/img000.png"], dtype=text)
+        file.create_dataset("features/pool1", data=np.ones((1, 64), np.float32))
+        file.create_dataset("failed/paths", (0,), text)
+        file.create_dataset("failed/reasons", (0,), text)
+    paths, features = vggfeat.load(old)
+    assert paths == ["photos/img000.png"] and features["pool1"].shape == (1, 64)
+    with pytest.raises(VggfeatError, match=r"older vggfeat \(format 2\)"):
+        extract([tmp_path / "photos"], old, **OPTIONS)
+
+
+# 11. Counts say what happened ------------------------------------------------------------------
+
+
+def test_the_summary_counts_rows_failures_and_plurals(tmp_path):
+    make_images(tmp_path / "photos", 1)
+    (tmp_path / "photos" / "bad.jpg").write_text("no")
+    args = ["extract", str(tmp_path / "photos"), "-o", str(tmp_path / "f.h5"), *FLAGS]
+    first = invoke(*args).output
+    assert "1 new row, 1 row in all" in first and "1 image computed, 1 failed" in first
+    make_images(tmp_path / "photos", 1, seed=1, start=1)
+    second = invoke(*args).output
+    assert "2 images already done; 1 to do." in second
+    assert "1 new row, 2 rows in all" in second and "2 already done" in second
+
+
+# 12. Continuing costs what is new; reading is lazy ---------------------------------------------
+
+
+def test_continuing_appends_in_place(tmp_path):
+    make_images(tmp_path / "photos", 40)
+    output = tmp_path / "f.h5"
+    extract([tmp_path / "photos"], output, **OPTIONS)
+    inode, size = output.stat().st_ino, output.stat().st_size
+    with h5py.File(output) as file:
+        first_rows = file["features/pool1"][()]
+    make_images(tmp_path / "photos", 2, seed=9, start=40)
+    more = extract([tmp_path / "photos"], output, **OPTIONS)
+    assert (more.computed, more.stored, more.rows) == (2, 2, 42)
+    assert output.stat().st_ino == inode  # the same file, not a rewritten copy
+    assert output.stat().st_size - size < 64 * 1024
+    with h5py.File(output) as file:  # h5py alone, no swmr, reads it
+        np.testing.assert_array_equal(file["features/pool1"][:40], first_rows)
+        assert list(file["committed"]) == [42, 0] and len(file["paths"]) == 42
+
+
+def test_open_reads_slices_and_the_rows_of_an_unfinished_run(tmp_path):
+    make_images(tmp_path / "photos", 6)
+    output = tmp_path / "f.h5"
+    with pytest.raises(Interrupted):
+        extract(
+            [tmp_path / "photos"],
+            output,
+            **OPTIONS,
+            commit_every=2,
+            batch_size=2,
+            on_progress=interrupt_after(4),
+        )
+    with vggfeat.open(output) as file:
+        assert (file.rows, file.pending) == (0, 4)
+        assert file.paths[:] == [f"photos/img{i:03d}.png" for i in range(4)]
+        partial = file.features["pool1"][1:3]
+    extract([tmp_path / "photos"], output, **OPTIONS)
+    with vggfeat.open(output) as file:
+        assert (len(file.paths), file.pending, file.features["pool1"].shape) == (6, 0, (6, 64))
+        np.testing.assert_array_equal(file.features["pool1"][1:3], partial)
+        assert file.paths[-1] == "photos/img005.png"
+        np.testing.assert_array_equal(
+            file.features["pool1"][[0, 5]], vggfeat.load(output).features["pool1"][[0, 5]]
+        )
+
+
+# 13. Shards -----------------------------------------------------------------------------------
+
+
+def test_shards_one_after_another_equal_a_single_run(tmp_path):
+    make_images(tmp_path / "photos", 7)
+    (tmp_path / "photos" / "bad.jpg").write_text("no")
+    single = tmp_path / "single.h5"
+    extract([tmp_path / "photos"], single, **OPTIONS)
+    output = tmp_path / "sharded.h5"
+    first = extract([tmp_path / "photos"], output, **OPTIONS, shard="2/3")
+    assert not first.assembled and first.waiting_for == (1, 3) and not output.exists()
+    with pytest.raises(VggfeatError, match="split into 3 shards"):
+        extract([tmp_path / "photos"], output, **OPTIONS, shard="1/2")
+    extract([tmp_path / "photos"], output, **OPTIONS, shard="3/3")
+    last = extract([tmp_path / "photos"], output, **OPTIONS, shard="1/3")
+    assert last.assembled and last.rows == 7
+    got, expected = vggfeat.load(output), vggfeat.load(single)
+    assert got.paths == expected.paths and got.failed == expected.failed
+    np.testing.assert_allclose(got.features["pool1"], expected.features["pool1"], rtol=1e-5)
+    assert extract([tmp_path / "photos"], output, **OPTIONS).computed == 0
+
+
+def test_a_plain_run_finishes_what_the_shards_left(tmp_path, monkeypatch):
+    make_images(tmp_path / "photos", 5)
+    output = tmp_path / "f.h5"
+    extract([tmp_path / "photos"], output, **OPTIONS, shard="1/2")
+
+    def killed(self, prune=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FeatureStore, "assemble", killed)
+    with pytest.raises(Interrupted):
+        extract([tmp_path / "photos"], output, **OPTIONS, shard="2/2")
+    monkeypatch.undo()
+    plain = extract([tmp_path / "photos"], output, **OPTIONS)
+    assert (plain.computed, plain.assembled, plain.rows) == (0, True, 5)
+    assert not output.with_name("f.h5.parts").exists()
+
+
+def test_a_bad_shard_is_a_usage_error(tmp_path):
+    make_images(tmp_path / "photos", 1)
+    for shard in ("0/2", "3/2", "two"):
+        result = invoke(
+            "extract", str(tmp_path / "photos"), "-o", str(tmp_path / "f.h5"), "--shard", shard
+        )
+        assert result.exit_code != 0 and "--shard" in result.output
+    assert sys.platform  # the refusals above start nothing
+    assert not list(tmp_path.glob("f.h5*"))
