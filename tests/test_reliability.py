@@ -155,6 +155,29 @@ def test_kill_9_at_random_moments_then_resume(clean_run, tmp_path):
     print("parts, temporary files, output present after each kill:", left)
 
 
+def test_two_shards_at_once_killed_and_continued_equal_a_single_run(clean_run, tmp_path):
+    photos, reference = clean_run
+    output = tmp_path / "sharded.h5"
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        shards = [start(photos, output, "--shard", f"{k}/2") for k in (1, 2)]
+        wait_for_parts(shards[0], output, len(parts_of(output)) + int(rng.integers(1, 4)))
+        for process in shards:
+            time.sleep(float(rng.uniform(0, 0.3)))
+            process.kill()
+            process.wait()
+        assert not output.exists()
+    shards = [start(photos, output, "--shard", f"{k}/2") for k in (1, 2)]
+    for process in shards:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+    assert_same_result(output, reference)
+    assert not output.with_name(output.name + ".parts").exists()
+    written = output.stat().st_mtime_ns
+    assert finish(photos, output).returncode == 0
+    assert output.stat().st_mtime_ns == written  # a plain run afterwards finds nothing new
+
+
 @pytest.mark.parametrize(("number", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_sigint_and_sigterm_keep_completed_work(clean_run, tmp_path, number, code):
     photos, reference = clean_run
