@@ -439,10 +439,18 @@ class FeatureStore:
         self._locks = {}
 
     def discard(self) -> None:
-        """Release the locks and remove the parts folder if no run has left anything in it."""
-        if not self._part_files() and not any(self.parts.glob("shard-*.json")):
-            shutil.rmtree(self.parts, ignore_errors=True)
-        self.close()
+        """Release the locks; remove the parts folder if it holds no work and no one uses it."""
+        others = [i for i in range(1, self.plan.shards + 1) if i not in self._locks]
+        held = [_take_lock(self.parts / f"shard-{i:04d}.lock") for i in others]
+        try:
+            idle = all(lock is not None for lock in held)
+            if idle and not self._part_files() and not any(self.parts.glob("shard-*.json")):
+                shutil.rmtree(self.parts, ignore_errors=True)
+        finally:
+            for lock in held:
+                if lock is not None:
+                    lock.close()
+            self.close()
 
     def _part_files(self) -> list[Path]:
         return sorted(self.parts.glob("part-*.npz"))
@@ -481,7 +489,8 @@ class _Assembler:
         continuing = path.exists() and (not self.store.plan.overwrite or self.store._assembled())
         if not continuing:
             return self._build(source=None)
-        if not self.parts and not self.prune:
+        if (not self.parts and not self.prune) or self.store._assembled():
+            # Nothing to add, or a run killed after writing its output, before cleaning up.
             with open_hdf5(path) as file:
                 return Assembly(0, 0, 0, *committed(file))
         with writing(path) as writer:
@@ -525,7 +534,7 @@ class _Assembler:
                 with open_hdf5(source) as file:
                     attributes = dict(file.attrs)
                 create(temporary, self.layout, self.width)
-                _copy_attributes(temporary, attributes)
+                _copy_attributes(temporary, {**attributes, "parts_id": self.store.plan.id})
             with writing(temporary) as writer:
                 if source is not None:
                     _kept, dropped = self._copy(source, writer, drop)
