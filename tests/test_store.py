@@ -94,6 +94,7 @@ def test_an_unfinished_run_of_other_settings_is_named_not_silently_blocking(tmp_
             commit_every=1,
             batch_size=1,
             on_progress=interrupt_after(2),
+            command="vggfeat extract photos -o a.h5 --pool max --overwrite",
         )
     kept = parts(output)
     assert kept
@@ -102,7 +103,9 @@ def test_an_unfinished_run_of_other_settings_is_named_not_silently_blocking(tmp_
         extract([tmp_path / "photos"], output, **OPTIONS)
     message = str(refused.value)
     assert "unfinished run with --overwrite with other settings" in message
-    assert "--pool max in the file, avg now" in message and f"delete {output}.parts" in message
+    assert "--pool max in the unfinished run, avg now" in message
+    assert f"delete {output}.parts" in message
+    assert "finish it first (vggfeat extract photos -o a.h5 --pool max --overwrite)" in message
     assert listing(tmp_path) == before
     # Finishing the unfinished run uses its parts.
     done = extract([tmp_path / "photos"], output, **{**OPTIONS, "pool": "max"}, overwrite=True)
@@ -152,6 +155,24 @@ def test_damaged_newer_and_other_files_are_one_line_errors(tmp_path):
         vggfeat.load(newer)
 
 
+def test_a_file_with_damaged_metadata_is_one_line_and_overwrite_replaces_it(tmp_path):
+    make_images(tmp_path / "photos", 2)
+    output = tmp_path / "a.h5"
+    extract([tmp_path / "photos"], output, **OPTIONS)
+    data = bytearray(output.read_bytes())
+    data[600:1400] = np.random.default_rng(0).integers(0, 256, 800, np.uint8).tobytes()
+    output.write_bytes(bytes(data))
+    args = ["extract", str(tmp_path / "photos"), "-o", str(output), *FLAGS]
+    refused = invoke(*args)
+    assert refused.exit_code == ExitCode.ERROR and "is damaged" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+    with pytest.raises(VggfeatError, match="is damaged"):
+        vggfeat.open(output)
+    replaced = invoke(*args, "--overwrite", "--quiet")
+    assert replaced.exit_code == 0, replaced.output
+    assert len(vggfeat.load(output).paths) == 2
+
+
 # 2. One identity per image ------------------------------------------------------------------
 
 
@@ -194,6 +215,7 @@ def test_paths_outside_the_outputs_folder_are_absolute_and_found_again(tmp_path)
 
 def test_a_prune_that_would_drop_every_row_asks_first(tmp_path):
     make_images(tmp_path / "photos", 2)
+    (tmp_path / "photos" / "bad.jpg").write_text("no")  # a failure does not count as a row
     output = tmp_path / "f.h5"
     extract([tmp_path / "photos"], output, **OPTIONS)
     (tmp_path / "photos").rename(tmp_path / "moved")
@@ -206,6 +228,32 @@ def test_a_prune_that_would_drop_every_row_asks_first(tmp_path):
     assert result.exit_code == ExitCode.ERROR and "--yes" in result.output
     confirmed = extract([tmp_path / "other"], output, **OPTIONS, prune=True, yes=True)
     assert (confirmed.dropped, confirmed.stored, confirmed.rows) == (2, 1, 1)
+
+
+def test_an_output_named_through_a_symlink_is_the_same_file(tmp_path):
+    make_images(tmp_path / "real" / "photos", 2)
+    output = tmp_path / "real" / "f.h5"
+    extract([tmp_path / "real" / "photos"], output, **OPTIONS)
+    (tmp_path / "link.h5").symlink_to(output)
+    again = extract([tmp_path / "real" / "photos"], tmp_path / "link.h5", **OPTIONS)
+    assert (again.computed, again.rows) == (0, 2)
+    assert vggfeat.load(tmp_path / "link.h5").paths == ["photos/img000.png", "photos/img001.png"]
+    assert (tmp_path / "link.h5").is_symlink()
+
+
+def test_a_name_with_a_literal_backslash_escape_is_not_a_byte_that_is_not_utf8(tmp_path):
+    folder = os.fsencode(tmp_path / "photos")
+    os.makedirs(folder)
+    for index, name in enumerate((b"lit\\xffname.png", b"lit\xffname.png", b"a\\b.png")):
+        with open(os.path.join(folder, name), "wb") as file:
+            Image.new("RGB", (32, 32), (index * 80, 9, 9)).save(file, format="PNG")
+    output = tmp_path / "f.h5"
+    first = extract([tmp_path / "photos"], output, **OPTIONS)
+    assert (first.computed, first.rows) == (3, 3)
+    with vggfeat.open(output) as file:
+        found = sorted(os.fsencode(file.locate(p)) for p in file.paths)
+    assert found == sorted(os.path.join(folder, n) for n in os.listdir(folder))
+    assert extract([tmp_path / "photos"], output, **OPTIONS, prune=True).dropped == 0
 
 
 def test_file_names_that_are_not_utf8_are_done_once_and_not_pruned(tmp_path):
@@ -375,6 +423,7 @@ def test_the_summary_counts_rows_failures_and_plurals(tmp_path):
     args = ["extract", str(tmp_path / "photos"), "-o", str(tmp_path / "f.h5"), *FLAGS]
     first = invoke(*args).output
     assert "1 new row, 1 row in all" in first and "1 image computed, 1 failed" in first
+    assert "Nothing new: the 1 image is already in" not in first
     make_images(tmp_path / "photos", 1, seed=1, start=1)
     second = invoke(*args).output
     assert "2 images already done; 1 to do." in second
@@ -420,11 +469,45 @@ def test_open_reads_slices_and_the_rows_of_an_unfinished_run(tmp_path):
     extract([tmp_path / "photos"], output, **OPTIONS)
     with vggfeat.open(output) as file:
         assert (len(file.paths), file.pending, file.features["pool1"].shape) == (6, 0, (6, 64))
+        assert vggfeat.load(output)[0] == file.paths[:]
         np.testing.assert_array_equal(file.features["pool1"][1:3], partial)
         assert file.paths[-1] == "photos/img005.png"
         np.testing.assert_array_equal(
             file.features["pool1"][[0, 5]], vggfeat.load(output).features["pool1"][[0, 5]]
         )
+
+
+def test_open_shows_each_image_once_while_an_update_or_overwrite_is_unfinished(tmp_path):
+    paths = make_images(tmp_path / "photos", 6)
+    output = tmp_path / "f.h5"
+    extract([tmp_path / "photos"], output, **OPTIONS)
+    before = vggfeat.load(output)
+    for path in paths:
+        os.utime(path, ns=(1, 10**18))
+    with pytest.raises(Interrupted):
+        extract(
+            [tmp_path / "photos"],
+            output,
+            **OPTIONS,
+            update=True,
+            commit_every=2,
+            batch_size=2,
+            on_progress=interrupt_after(4),
+        )
+    make_images(tmp_path / "more", 2, seed=5)
+    with pytest.raises(Interrupted):
+        extract(
+            [tmp_path / "photos"],
+            output,
+            **{**OPTIONS, "pool": "max"},
+            overwrite=True,
+            commit_every=1,
+            batch_size=1,
+            on_progress=interrupt_after(2),
+        )
+    with vggfeat.open(output) as file:  # the --overwrite run's rows belong to another file
+        assert (file.paths[:], file.pending) == (before.paths, 0)
+        np.testing.assert_array_equal(file.features["pool1"][:], before.features["pool1"])
 
 
 # 13. Shards -----------------------------------------------------------------------------------

@@ -472,9 +472,9 @@ def _print_summary(summary) -> None:
             f"the last to finish writes {summary.output}."
         )
     elif not (summary.computed or failed or summary.stored or summary.replaced or summary.dropped):
+        every = "the 1 image is" if summary.already == 1 else f"all {summary.already:,} images are"
         console.print(
-            f"Nothing new: all {_count(summary.already, 'image')} are already in "
-            f"{summary.output} ({_count(summary.rows, 'row')})."
+            f"Nothing new: {every} already in {summary.output} ({_count(summary.rows, 'row')})."
         )
         return
     else:

@@ -75,13 +75,13 @@ class Settings:
     compute_dtype: str
     dtype: str
 
-    def differences(self, other: Settings) -> list[str]:
-        """Each setting that differs, as '--option file-value in the file, other-value now'."""
+    def differences(self, other: Settings, where: str = "in the file") -> list[str]:
+        """Each setting that differs, as '--option our-value in the file, other-value now'."""
         ours, theirs = asdict(self), asdict(other)
         if self.weights != "random":
             del ours["seed"], theirs["seed"]  # a seed means nothing to other weights
         return [
-            f"{_OPTIONS[key]} {_shown(ours[key])} in the file, {_shown(theirs[key])} now"
+            f"{_OPTIONS[key]} {_shown(ours[key])} {where}, {_shown(theirs[key])} now"
             for key in ours
             if ours[key] != theirs[key]
         ]

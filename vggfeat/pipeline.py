@@ -317,9 +317,10 @@ def _plan(
 def _pruned(store: FeatureStore, yes: bool) -> set[str]:
     """Paths of the output whose files are gone; refuses to drop every row unless ``yes``."""
     gone = {key for key in store.stored if store.locate(key) is None}
-    if gone and gone == set(store.stored) and not yes:
+    rows = store.stored_rows
+    if rows and all(key in gone for key in rows) and not yes:
         raise PruneEverything(
-            f"--prune would drop all {len(gone):,} rows of {store.path}: none of their files "
+            f"--prune would drop all {len(rows):,} rows of {store.path}: none of their files "
             f"exist as seen from {store.home}; check the file and its images are where they "
             "were, or add --yes to drop them"
         )

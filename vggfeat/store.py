@@ -35,7 +35,6 @@ import re
 import shutil
 import signal
 import stat
-import sys
 import threading
 import time
 import uuid
@@ -233,7 +232,7 @@ class FeatureStore:
         be written, is another program's file or damaged, holds other settings,
         has an unfinished run of other settings, or its shard is in use.
         """
-        path = Path(path)
+        path = output_path(path)
         _check_writable(path)
         if path.exists() and not overwrite:
             _check_output(path, layout.settings)
@@ -296,22 +295,32 @@ class FeatureStore:
         """Where the file stored as ``key`` is now, or None if it is gone."""
         return locate(key, self.home)
 
-    @cached_property
+    @property
     def stored(self) -> dict[str, Stamp]:
         """Every path the output holds, as a row or a failure, with its stamp then."""
+        rows, failures = self._stored
+        return rows | failures
+
+    @property
+    def stored_rows(self) -> dict[str, Stamp]:
+        """The paths the output holds as rows."""
+        return self._stored[0]
+
+    @cached_property
+    def _stored(self) -> tuple[dict[str, Stamp], dict[str, Stamp]]:
         if not self.path.exists() or (self.plan.overwrite and not self._assembled()):
-            return {}
+            return {}, {}
+        found = []
         with open_hdf5(self.path) as file:
-            rows, failures = committed(file)
-            done: dict[str, Stamp] = {}
-            for group, name, count in (
-                ("source", "paths", rows),
-                ("failed", "failed/paths", failures),
+            for group, name, count in zip(
+                ("source", "failed"), ("paths", "failed/paths"), committed(file), strict=True
             ):
                 sizes, times = stamps(file, group, count)
                 keys = read_strings(file[name], count)
-                done.update(zip(keys, map(Stamp, sizes.tolist(), times.tolist()), strict=True))
-            return done
+                found.append(
+                    dict(zip(keys, map(Stamp, sizes.tolist(), times.tolist()), strict=True))
+                )
+        return found[0], found[1]
 
     @cached_property
     def committed(self) -> dict[str, Stamp]:
@@ -461,8 +470,10 @@ class FeatureStore:
 
     def _assembled(self) -> bool:
         """Whether the output was already written by this run (a kill before cleaning up)."""
-        with open_hdf5(self.path) as file:
-            return file.attrs.get("parts_id") == self.plan.id
+        try:
+            return read_attributes(self.path).get("parts_id") == self.plan.id
+        except OutputError:
+            return False  # damaged: --overwrite replaces it
 
 
 # Assembling ------------------------------------------------------------------------------
@@ -643,6 +654,16 @@ def _copy_attributes(path: Path, attributes: dict[str, Any]) -> None:
 # Opening, step by step ----------------------------------------------------------------
 
 
+def output_path(path: str | os.PathLike) -> Path:
+    """The output file, its own symlink resolved: one file has one parts folder and one lock."""
+    path = Path(path)
+    try:
+        linked = path.is_symlink()
+    except OSError:
+        linked = False  # a folder we may not search: _check_writable says so
+    return Path(os.path.realpath(path)) if linked else path
+
+
 def parts_folder(path: Path) -> Path:
     return path.with_name(path.name + ".parts")
 
@@ -654,21 +675,33 @@ def _home(path: Path) -> Path:
 
 def locate(key: str, home: Path) -> str | None:
     """Where the file stored as ``key`` (relative to ``home``) is now, or None if it is gone."""
-    path = os.path.join(home, key)
-    if os.path.lexists(path):
-        return path
-    if "\\x" in path:
-        raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m[1], 16)]), path.encode())
-        if os.path.lexists(raw):
-            return os.fsdecode(raw)
-    return None
+    path = os.path.join(home, _unprintable(key))
+    return path if os.path.lexists(path) else None
+
+
+#: A backslash that could be read as an escape: before another, before \xNN, or before a byte
+#: that is not UTF-8 (which becomes \xNN itself).
+_AMBIGUOUS_BACKSLASH = re.compile(r"\\(?=\\|x[0-9a-fA-F]{2}|[\udc80-\udcff])")
+_UNDECODABLE = re.compile(r"[\udc80-\udcff]")
+_ESCAPE = re.compile(rb"\\\\|\\x([0-9a-fA-F]{2})")
 
 
 def _printable(path: str) -> str:
-    """A path as stored: valid UTF-8, bytes that are not shown as \\xNN."""
-    return path.encode(sys.getfilesystemencoding(), "surrogateescape").decode(
-        "utf-8", "backslashreplace"
-    )
+    """A path as stored: valid UTF-8; a byte that is not shown as \\xNN, reversibly.
+
+    So that no two names are stored alike, a backslash that could be read as
+    part of an escape is doubled; any other backslash stays as it is.
+    """
+    path = _AMBIGUOUS_BACKSLASH.sub(r"\\\\", path)
+    return _UNDECODABLE.sub(lambda m: f"\\x{ord(m[0]) - 0xDC00:02x}", path)
+
+
+def _unprintable(stored: str) -> str:
+    """The path ``_printable`` stored, as the file system names it."""
+    if "\\" not in stored:
+        return stored
+    raw = _ESCAPE.sub(lambda m: b"\\" if m[1] is None else bytes([int(m[1], 16)]), stored.encode())
+    return os.fsdecode(raw)
 
 
 def _check_writable(path: Path) -> None:
@@ -704,7 +737,7 @@ def read_attributes(path: Path) -> dict[str, Any]:
                 key: value.decode() if isinstance(value, bytes) else value
                 for key, value in file.attrs.items()
             }
-    except OSError as error:
+    except (OSError, KeyError, RuntimeError, ValueError) as error:
         raise OutputError(
             f"{path} is damaged and cannot be read ({_first_line(error)}); "
             "--overwrite replaces it, -o writes elsewhere"
@@ -763,13 +796,14 @@ def _check_unfinished(
 ) -> None:
     """Refuse a run that does not fit the unfinished one in the parts folder."""
     parts = parts_folder(path)
-    differences = earlier.layout.settings.differences(settings)
+    differences = earlier.layout.settings.differences(settings, "in the unfinished run")
     how = "with --overwrite " if earlier.overwrite else ""
     if differences and not overwrite:
+        command = earlier.layout.attributes.get("command", "")
         raise OutputError(
             f"output {path} has an unfinished run {how}with other settings "
-            f"({'; '.join(differences)}) in {parts}; run that command to finish it, "
-            f"--overwrite to replace it with this one, or delete {parts} to abandon it"
+            f"({'; '.join(differences)}) in {parts}; finish it first ({command}), "
+            f"or --overwrite to replace it with this run, or delete {parts} to abandon it"
         )
     if differences:
         return  # --overwrite starts again
@@ -987,19 +1021,41 @@ class FeatureFile:
         self.path = path
         self.home = _home(path)
         self._file = None
-        self._plan = _read_plan(parts_folder(path), path)
-        self._parts = sorted(parts_folder(path).glob("part-*.npz")) if self._plan else []
+        plan = _read_plan(parts_folder(path), path)
         if path.exists():
             self.attributes = read_attributes(path)
-            self._file = open_hdf5(path)
-            self.rows, self._failures = committed(self._file)
-        elif self._plan is not None:
-            self.attributes = {**asdict(self._plan.layout.settings), **self._plan.layout.attributes}
+            try:
+                self._file = open_hdf5(path)
+                self.rows, self._failures = committed(self._file)
+                self._layers = feature_names(self._file)
+            except (OSError, KeyError, RuntimeError, ValueError) as error:
+                raise OutputError(f"{path} is damaged and cannot be read ({error})") from None
+        elif plan is not None:
+            self.attributes = {**asdict(plan.layout.settings), **plan.layout.attributes}
             self.rows = self._failures = 0
+            self._layers = list(plan.layout.settings.layers)
         else:
             raise OutputError(f"{path} does not exist")
-        self._part_rows = [_read_part(p) for p in self._parts]
-        self.pending = sum(len(rows.paths) for rows in self._part_rows)
+        # An unfinished --overwrite run's rows belong to another file, not to this one.
+        ours = plan is not None and not (plan.overwrite and self._file is not None)
+        parts = sorted(parts_folder(path).glob("part-*.npz")) if ours else []
+        self._pending = self._new_rows(parts)
+        self.pending = sum(len(new) for _, _, new in self._pending)
+
+    def _new_rows(self, parts: list[Path]) -> list[tuple[Path, Rows, np.ndarray]]:
+        """Per part: its rows, and the indices of those new to the file, each path once.
+
+        A row an unfinished --update read again stays where the file has it,
+        with the file's values, until the run finishes.
+        """
+        seen = set(read_strings(self._file["paths"], self.rows)) if self._file and parts else set()
+        found = []
+        for part in parts:
+            rows = _read_part(part)
+            new = [i for i, key in enumerate(rows.paths) if key not in seen]
+            seen.update(rows.paths)
+            found.append((part, rows, np.array(new, np.int64)))
+        return found
 
     def __enter__(self) -> FeatureFile:
         return self
@@ -1019,28 +1075,22 @@ class FeatureFile:
         if self._file is not None:
             dataset = self._file["paths"]
             segments.append((self.rows, lambda s: dataset[s]))
-        for _part, rows in zip(self._parts, self._part_rows, strict=True):
-            segments.append((len(rows.paths), lambda s, rows=rows: rows.paths[s]))
+        for _, rows, new in self._pending:
+            paths = [rows.paths[i] for i in new]
+            segments.append((len(paths), lambda s, paths=paths: paths[s]))
         return Column(segments, convert=decode_strings)
 
     @cached_property
     def features(self) -> dict[str, Column]:
         """One ``Column`` per stored layer, (N, ...) float32 or float16."""
-        names = (
-            feature_names(self._file)
-            if self._file is not None
-            else [fs.name for fs in self._plan.layout.feature_sets]
-        )
         columns = {}
-        for index, name in enumerate(names):
+        for index, name in enumerate(self._layers):
             segments: list[tuple[int, Callable[[slice], Any]]] = []
             if self._file is not None:
                 dataset = self._file[f"features/{name}"]
                 segments.append((self.rows, lambda s, d=dataset: d[s]))
-            for part, rows in zip(self._parts, self._part_rows, strict=True):
-                segments.append(
-                    (len(rows.paths), lambda s, p=part, i=index: _part_array(p, f"features_{i}", s))
-                )
+            for part, _, new in self._pending:
+                segments.append((len(new), _PartColumn(part, f"features_{index}", new)))
             columns[name] = Column(segments)
         return columns
 
@@ -1056,7 +1106,7 @@ class FeatureFile:
                     strict=True,
                 )
             )
-        for rows in self._part_rows:
+        for _, rows, _ in self._pending:
             failed.update(zip(rows.failed_paths, rows.failed_reasons, strict=True))
         return failed
 
@@ -1065,14 +1115,22 @@ class FeatureFile:
         return locate(stored, self.home)
 
 
-def _part_array(part: Path, name: str, rows: slice) -> np.ndarray:
-    with np.load(part) as data:
-        return data[name][rows]
+@dataclass(frozen=True)
+class _PartColumn:
+    """The rows ``new`` of one array of a part, read when sliced."""
+
+    part: Path
+    name: str
+    new: np.ndarray
+
+    def __call__(self, rows: slice) -> np.ndarray:
+        with np.load(self.part) as data:
+            return data[self.name][self.new[rows]]
 
 
 def open_features(path: str | os.PathLike) -> FeatureFile:
     """Open a vggfeat file for reading rows on demand: ``with vggfeat.open(p) as f: ...``."""
-    return FeatureFile(Path(path))
+    return FeatureFile(output_path(path))
 
 
 @dataclass(frozen=True)
@@ -1087,6 +1145,10 @@ class Features:
     def __iter__(self):
         """``paths, features = vggfeat.load(path)``."""
         return iter((self.paths, self.features))
+
+    def __getitem__(self, index: int):
+        """``vggfeat.load(path)[0]`` is the paths, ``[1]`` the features."""
+        return (self.paths, self.features)[index]
 
 
 def load(path: str | os.PathLike) -> Features:
