@@ -292,12 +292,15 @@ def extract_command(profile: Profile, inputs: list[str], output: Path, *extra: s
     ]
 
 
-def timed_extract(profile: Profile, photos: Path, work: Path, count: int, precision: str):
+def timed_extract(
+    profile: Profile, photos: Path, work: Path, count: int, precision: str, *extra: str
+):
     listing = work / f"first-{count}.txt"
     listing.write_text("".join(f"{p}\n" for p in sorted(photos.glob("*.jpg"))[:count]))
-    output = work / f"{precision}-{count}.h5"
+    output = work / f"{precision}-{count}{'-'.join(('', *extra))}.h5"
+    output.unlink(missing_ok=True)
     command = extract_command(
-        profile, [], output, "--files-from", str(listing), "--precision", precision
+        profile, [], output, "--files-from", str(listing), "--precision", precision, *extra
     )
     started = time.perf_counter()
     result = subprocess.run(command, check=True, capture_output=True, text=True)
@@ -307,7 +310,7 @@ def timed_extract(profile: Profile, photos: Path, work: Path, count: int, precis
     return seconds, own, output
 
 
-def extract_steady(profile: Profile, photos: Path, work: Path, precision: str):
+def extract_steady(profile: Profile, photos: Path, work: Path, precision: str, *extra: str):
     """(images/s in steady state, start-up seconds, vggfeat's own figure, the larger output).
 
     Each size runs twice, alternately, and the faster of each pair counts:
@@ -317,8 +320,8 @@ def extract_steady(profile: Profile, photos: Path, work: Path, precision: str):
     """
     small, large = [], []
     for _ in range(2):
-        small.append(timed_extract(profile, photos, work, profile.small_run, precision))
-        large.append(timed_extract(profile, photos, work, profile.large_run, precision))
+        small.append(timed_extract(profile, photos, work, profile.small_run, precision, *extra))
+        large.append(timed_extract(profile, photos, work, profile.large_run, precision, *extra))
     small_seconds = min(seconds for seconds, _, _ in small)
     large_seconds, _, output = min(large, key=lambda run: run[0])
     rate = (profile.large_run - profile.small_run) / (large_seconds - small_seconds)

@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from vggfeat.architecture import DEPTHS, POOLINGS, TOP_IMAGE_SIZE, Architecture, Catalogue, vgg
+from vggfeat.engine import ENGINES, STALL_SECONDS
 from vggfeat.errors import VggfeatError
 from vggfeat.images import RESIZE_MODES
 from vggfeat.network import PRECISIONS
@@ -301,6 +302,37 @@ def _giga(count: int) -> str:
     metavar="K/N",
     help="Do the K-th of N shares of the images; the last shard to finish writes OUTPUT.",
 )
+@choice_option(
+    "--engine",
+    ENGINES,
+    "local: threads and one network here; ray: a Ray cluster's CPUs and GPUs (vggfeat[ray]).",
+)
+@click.option(
+    "--ray-address",
+    metavar="auto|HOST:PORT|ray://HOST:10001",
+    help="The Ray cluster to use.  [default: start a local instance]",
+)
+@click.option(
+    "--actors",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Networks running at most, with --engine ray.  [default: one per GPU, else CPUs/4]",
+)
+@click.option(
+    "--gpus-per-actor",
+    type=click.FloatRange(min=0),
+    metavar="F",
+    help="GPUs each network takes, fractions allowed (0.5).  [default: 1 with GPUs, else 0]",
+)
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=STALL_SECONDS,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --engine ray, stop (keeping completed work) when no image is done for this long.",
+)
+@click.option("--verbose", is_flag=True, help="Show Ray's own progress and logs on stderr.")
 @click.option("--strict", is_flag=True, help="Exit 3 if any image could not be used.")
 @click.option(
     "--overwrite",
@@ -333,6 +365,7 @@ def extract(inputs, output, files_from, strict, quiet, **options) -> None:
       find photos -newer last-run | vggfeat extract --files-from - -o new.h5
       vggfeat extract photos/ --update --prune     # bring features.h5 up to date
       vggfeat extract photos/ --shard 3/16         # one of 16 jobs (SLURM, cron, ...)
+      vggfeat extract /shared/photos -o /shared/f.h5 --engine ray --ray-address auto
     """
     from vggfeat.pipeline import Interrupted
     from vggfeat.pipeline import extract as run_extract
@@ -487,6 +520,11 @@ def _print_summary(summary) -> None:
             f"Wrote {summary.output}: {', '.join(changes)}, {_count(summary.rows, 'row')} in all. "
             f"This run: {_count(summary.computed, 'image')} computed, {failed:,} failed, "
             f"{summary.already:,} already done."
+        )
+    if summary.engine == "ray" and summary.rows_per_node:
+        console.print(
+            "Computed on: "
+            + ", ".join(f"{node} {count:,}" for node, count in summary.rows_per_node.items())
         )
     if summary.batch_size < summary.requested_batch_size:
         console.print(

@@ -37,6 +37,15 @@ class InputError(VggfeatError):
 
 
 @dataclass(frozen=True)
+class Source:
+    """The file a row came from, with its size in bytes and modification time when read."""
+
+    path: str
+    size: int = -1
+    mtime_ns: int = -1
+
+
+@dataclass(frozen=True)
 class Decoded:
     """One image ready for the network."""
 
@@ -46,6 +55,10 @@ class Decoded:
     size: int = -1
     """The file's size in bytes and modification time when it was read (for --update)."""
     mtime_ns: int = -1
+
+    @property
+    def source(self) -> Source:
+        return Source(self.path, self.size, self.mtime_ns)
 
 
 @dataclass(frozen=True)

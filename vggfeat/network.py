@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from vggfeat.architecture import Architecture, Layer
+from vggfeat.architecture import Architecture, Catalogue, Layer
 from vggfeat.errors import VggfeatError
 from vggfeat.runtime import cpu_has_fast_bfloat16, gpus, tensorflow
 from vggfeat.weights import WeightsRecord, apply_weights
@@ -42,6 +42,11 @@ class Cut:
     def pools(self, pool: Pooling) -> bool:
         """Whether ``pool`` applies: only convolutional maps are pooled."""
         return pool != "none" and self.layer.kind in ("conv", "pool")
+
+    def feature_shape(self, catalogue: Catalogue, pool: Pooling) -> tuple[int, ...]:
+        """The shape of one image's features: the layer's output, or its channels if pooled."""
+        shape = catalogue.facts(self.layer).output_shape
+        return shape[-1:] if self.pools(pool) else shape
 
 
 def compute_dtype(precision: Precision, on_gpu: bool) -> str:
@@ -132,8 +137,22 @@ class FeatureNetwork:
         """Features of a batch: (n, size, size, 3) uint8 in, one float32 array per cut out.
 
         A batch shorter than the batch size is padded, a longer one split.
-        Raises ``NetworkOutOfMemory`` when the device cannot hold a batch.
+        When the device runs out of memory, the batch size is halved for the
+        rest of the run and the same images computed again, down to one image
+        at a time; then ``VggfeatError``.
         """
+        while True:
+            try:
+                return self._compute(pixels)
+            except NetworkOutOfMemory as error:
+                if self.batch_size == 1:
+                    raise VggfeatError(
+                        "out of memory computing even one image at a time; use a smaller "
+                        "--image-size, an earlier --layer, or free the GPU's memory"
+                    ) from error
+                self.set_batch_size(self.batch_size // 2)
+
+    def _compute(self, pixels: np.ndarray) -> list[np.ndarray]:
         tf = tensorflow()
         try:
             chunks = [

@@ -10,40 +10,29 @@ events; nothing here prints.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import signal
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-
 from vggfeat.architecture import POOLINGS, TOP_IMAGE_SIZE, vgg
+from vggfeat.engine import ENGINES, STALL_SECONDS, Job, LocalEngine
 from vggfeat.errors import VggfeatError
 from vggfeat.images import (
     RESAMPLING,
     RESIZE_MODES,
-    Decoded,
     Failure,
-    decode_image,
     discover,
     pixel_limit,
 )
-from vggfeat.network import (
-    PRECISIONS,
-    PREPROCESSING,
-    Cut,
-    FeatureNetwork,
-    NetworkOutOfMemory,
-    compute_dtype,
-)
+from vggfeat.network import PRECISIONS, PREPROCESSING, Cut, compute_dtype
 from vggfeat.runtime import gpus
 from vggfeat.store import (
     COMMIT_IMAGES,
@@ -58,9 +47,6 @@ from vggfeat.store import (
     Stamp,
 )
 from vggfeat.weights import identify_weights
-
-#: How much lower than the network decoding threads run when the network is on the CPU.
-DECODE_NICENESS = 10
 
 
 @dataclass(frozen=True)
@@ -116,6 +102,10 @@ class Summary:
     waiting_for: tuple[int, ...]
     """Shards that have not done their share, when not assembled."""
     shard: Shard | None
+    engine: str
+    """``local`` or ``ray``."""
+    rows_per_node: dict[str, int]
+    """Images computed on each machine (``local`` for the local engine)."""
     seconds: float
     timings: Timings
     file_bytes: int
@@ -154,6 +144,12 @@ def extract(
     prune: bool = False,
     yes: bool = False,
     shard: str | Shard | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    actors: int | None = None,
+    gpus_per_actor: float | None = None,
+    stall_timeout: float = STALL_SECONDS,
+    verbose: bool = False,
     commit_every: int = COMMIT_IMAGES,
     on_progress: Callable[[Progress], None] | None = None,
     command: str | None = None,
@@ -168,7 +164,10 @@ def extract(
     With ``update``, images whose size or modification time changed are read
     again; with ``prune``, rows of files that no longer exist are dropped
     (``yes`` confirms dropping every row). ``shard="K/N"`` does the K-th of N
-    shares; the last shard to finish writes the output.
+    shares; the last shard to finish writes the output. ``engine="ray"`` runs
+    the decoding and the network on a Ray cluster (``ray_address``, else a
+    local instance), with ``actors`` networks of ``gpus_per_actor`` GPUs each,
+    and stops when no image is done for ``stall_timeout`` seconds.
 
     Raises a ``VggfeatError`` subclass for anything the caller can fix, before
     anything is written, and ``Interrupted`` (a ``KeyboardInterrupt``) after
@@ -184,6 +183,7 @@ def extract(
         raise VggfeatError("--batch-size, --commit-every and --workers must be at least 1")
     if isinstance(shard, str):
         shard = Shard.parse(shard)
+    _check_engine(engine, ray_address, actors, gpus_per_actor, stall_timeout)
     architecture.check_image_size([cut.layer for cut in cuts], image_size)
     named = identify_weights(architecture, any(cut.layer.is_top for cut in cuts), weights, seed)
     paths = discover([os.fspath(p) for p in inputs], files_from)
@@ -216,41 +216,51 @@ def extract(
     )
     store = FeatureStore.open(output, layout, overwrite=overwrite, shard=shard)
     store.commit_images = commit_every
-    network = None
-    runs: list[_Run] = []
+    job = Job(
+        depth=depth,
+        layers=settings.layers,
+        image_size=image_size,
+        batch_size=batch_size,
+        pool=pool,
+        weights=os.fspath(weights),
+        seed=seed,
+        precision=precision,
+        resize=resize,
+        max_pixels=max_pixels,
+        workers=workers,
+    )
+    running = None
+    drive = _Driver(store, on_progress)
     with _signals(), pixel_limit(max_pixels):
         try:
             pruned = _pruned(store, yes) if prune else set()
             work, already = _plan(store, paths, update)
-            total = sum(len(todo) for _, todo in work)
-            if on_progress:
-                on_progress(Progress(0, 0, total, 0.0, already))
-            if total:
-                # A run smaller than one batch needs no padding up to the full batch.
-                network = FeatureNetwork(
-                    architecture,
-                    cuts,
-                    image_size,
-                    min(batch_size, total),
-                    pool,
-                    weights,
-                    seed,
-                    precision,
+            drive.start(sum(len(todo) for _, todo in work), already)
+            if drive.total:
+                running = _start_engine(
+                    engine,
+                    job,
+                    drive.total,
+                    ray_address,
+                    actors,
+                    gpus_per_actor,
+                    stall_timeout,
+                    verbose,
                 )
-            learnt = {"weights_sha256": network.weights.sha256} if network else {}
-            report = _Reporter(on_progress, runs, total, already)
+            learnt = {"weights_sha256": running.weights_sha256} if running else {}
             for index, todo in work:
                 store.begin(index)
                 if todo:
-                    run = _Run(
-                        network, store, todo, image_size, resize, max_pixels, workers, report
-                    )
-                    runs.append(run)
-                    run.go()
+                    drive.run(running, todo)
+                    learnt |= {
+                        "engine": running.name,
+                        "cluster": json.dumps(running.stats.description),
+                        "rows_per_node": json.dumps(running.stats.rows_per_node),
+                    }
                 store.finish_shard(index, learnt)
             written = time.perf_counter()
             assembly = store.assemble(prune=pruned)
-            writing = time.perf_counter() - written
+            drive.writing += time.perf_counter() - written
             waiting_for = tuple(store.unfinished_shards()) if assembly is None else ()
             store.close()
         except (KeyboardInterrupt, Terminated) as stop:
@@ -261,16 +271,20 @@ def extract(
             code = 143 if isinstance(stop, Terminated) else 130
             raise Interrupted(code, store.parts) from None
         except BaseException:
+            # Rows already computed are whole: keep them for the next run.
+            with contextlib.suppress(Exception):
+                store.commit()
             store.discard()
             raise
+        finally:
+            if running is not None:
+                running.close()
     seconds = time.perf_counter() - started
-    waiting = sum(run.waiting for run in runs)
-    computing = sum(run.computing for run in runs)
-    committing = sum(run.writing for run in runs) + writing
+    busy = drive.waiting + drive.network + drive.writing
     return Summary(
         output=store.path,
-        computed=sum(run.stored for run in runs),
-        failures=tuple(failure for run in runs for failure in run.failures),
+        computed=drive.computed,
+        failures=tuple(drive.failures),
         already=already,
         assembled=assembly is not None,
         stored=assembly.appended if assembly else 0,
@@ -279,12 +293,100 @@ def extract(
         rows=assembly.rows if assembly else 0,
         waiting_for=waiting_for,
         shard=shard,
+        engine=running.name if running else engine,
+        rows_per_node=dict(running.stats.rows_per_node) if running else {},
         seconds=seconds,
-        timings=Timings(seconds - waiting - computing - committing, waiting, computing, committing),
+        timings=Timings(max(0.0, seconds - busy), drive.waiting, drive.network, drive.writing),
         file_bytes=store.path.stat().st_size if store.path.exists() else 0,
-        batch_size=network.batch_size if network else batch_size,
-        requested_batch_size=min(batch_size, total) if total else batch_size,
+        batch_size=running.batch_size if running else batch_size,
+        requested_batch_size=min(batch_size, drive.total) if drive.total else batch_size,
     )
+
+
+def _check_engine(engine, address, actors, gpus_per_actor, stall_timeout) -> None:
+    """Refuse engine options that cannot work, before anything starts."""
+    if engine not in ENGINES:
+        raise VggfeatError(f"--engine {engine} is not one of {', '.join(ENGINES)}")
+    if engine == "local":
+        used = [
+            name
+            for name, value in (
+                ("--ray-address", address),
+                ("--actors", actors),
+                ("--gpus-per-actor", gpus_per_actor),
+            )
+            if value is not None
+        ]
+        if used:
+            raise VggfeatError(f"{', '.join(used)} work with --engine ray only")
+        return
+    from vggfeat.ray_engine import require_ray
+
+    require_ray()
+    if actors is not None and actors < 1:
+        raise VggfeatError("--actors must be at least 1")
+    if gpus_per_actor is not None and gpus_per_actor < 0:
+        raise VggfeatError("--gpus-per-actor must be 0 or more, fractions allowed (0.5)")
+    if stall_timeout <= 0:
+        raise VggfeatError("--stall-timeout must be more than 0 seconds")
+
+
+def _start_engine(engine, job, count, address, actors, gpus_per_actor, stall_timeout, verbose):
+    if engine == "ray":
+        from vggfeat.ray_engine import RayEngine
+
+        return RayEngine(job, address, actors, gpus_per_actor, stall_timeout, verbose)
+    return LocalEngine(job, count)
+
+
+class _Driver:
+    """Takes an engine's results into the store, in order; counts, times and reports them."""
+
+    def __init__(self, store: FeatureStore, on_progress) -> None:
+        self.store = store
+        self.on_progress = on_progress
+        self.total = self.already = self.computed = 0
+        self.failures: list[Failure] = []
+        self.waiting = self.network = self.writing = 0.0
+        self.started = time.perf_counter()
+
+    def start(self, total: int, already: int) -> None:
+        self.total, self.already = total, already
+        self._report()
+        self.started = time.perf_counter()
+
+    def run(self, engine, paths: list[str]) -> None:
+        results = iter(engine.run(paths))
+        while True:
+            asked = time.perf_counter()
+            result = next(results, None)
+            if result is None:
+                return
+            taken = time.perf_counter()
+            if isinstance(result, Failure):
+                self.failures.append(result)
+                self.store.add_failures([result])
+            else:
+                self.store.append(result.sources, result.features)
+                self.computed += len(result.sources)
+                self.network += result.seconds
+            # The local engine computes while asked for the next result; that is not waiting.
+            here = result.seconds if engine.computes_here and not isinstance(result, Failure) else 0
+            self.waiting += max(0.0, taken - asked - here)
+            self.writing += time.perf_counter() - taken
+            self._report()
+
+    def _report(self) -> None:
+        if self.on_progress:
+            self.on_progress(
+                Progress(
+                    done=self.computed + len(self.failures),
+                    failed=len(self.failures),
+                    total=self.total,
+                    elapsed=time.perf_counter() - self.started,
+                    already=self.already,
+                )
+            )
 
 
 def _plan(
@@ -367,19 +469,15 @@ def _signals():
 
 def _feature_sets(catalogue, cuts: list[Cut], pool: str) -> list[FeatureSet]:
     """The output's datasets: per cut, its name, layer, pooling and per-image shape."""
-    sets = []
-    for cut in cuts:
-        shape = catalogue.facts(cut.layer).output_shape
-        pooled = cut.pools(pool)
-        sets.append(
-            FeatureSet(
-                cut.label,
-                cut.layer.name,
-                pool if pooled else "none",
-                shape[-1:] if pooled else shape,
-            )
+    return [
+        FeatureSet(
+            cut.label,
+            cut.layer.name,
+            pool if cut.pools(pool) else "none",
+            cut.feature_shape(catalogue, pool),
         )
-    return sets
+        for cut in cuts
+    ]
 
 
 def _needs_work(key: str, path: str, done: dict[str, Stamp], update: bool) -> bool:
@@ -393,116 +491,6 @@ def _needs_work(key: str, path: str, done: dict[str, Stamp], update: bool) -> bo
     except OSError:
         return False  # gone: kept unless pruned
     return Stamp(info.st_size, info.st_mtime_ns) != done[key]
-
-
-class _Reporter:
-    """Progress over every share this process does, sent after each batch or failure."""
-
-    def __init__(self, on_progress, runs: list[_Run], total: int, already: int) -> None:
-        self.on_progress = on_progress
-        self.runs = runs
-        self.total = total
-        self.already = already
-        self.started = time.perf_counter()
-        self.reported = 0
-
-    def __call__(self) -> None:
-        done = sum(run.stored + len(run.failures) for run in self.runs)
-        if self.on_progress and done != self.reported:
-            self.reported = done
-            self.on_progress(
-                Progress(
-                    done=done,
-                    failed=sum(len(run.failures) for run in self.runs),
-                    total=self.total,
-                    elapsed=time.perf_counter() - self.started,
-                    already=self.already,
-                )
-            )
-
-
-class _Run:
-    """One pass over a share's images still to do; counts and times what it does."""
-
-    def __init__(
-        self, network, store, paths, image_size, resize, max_pixels, workers, report
-    ) -> None:
-        self.network: FeatureNetwork = network
-        self.store: FeatureStore = store
-        self.paths: list[str] = paths
-        self.decode = lambda path: decode_image(path, image_size, resize, max_pixels)
-        self.workers = workers or os.cpu_count() or 1
-        self.report: Callable[[], None] = report
-        self.stored = 0
-        self.failures: list[Failure] = []
-        self.waiting = self.computing = self.writing = 0.0
-
-    def go(self) -> None:
-        batch: list[Decoded] = []
-        # Enough decoded images in flight to fill the next batch while this one computes.
-        window = 2 * self.network.batch_size + self.workers
-        # On a CPU the network's threads meet at barriers, and a decoding thread
-        # that preempts one stalls them all; niced decoding fills their idle gaps instead.
-        initializer = None if self.network.on_gpu else _yield_to_the_network
-        with ThreadPoolExecutor(
-            self.workers, thread_name_prefix="decode", initializer=initializer
-        ) as pool:
-            pending: deque[Future] = deque()
-            upcoming = iter(self.paths)
-            try:
-                while True:
-                    for path in upcoming:
-                        pending.append(pool.submit(self.decode, path))
-                        if len(pending) >= window:
-                            break
-                    if not pending:
-                        break
-                    waited = time.perf_counter()
-                    result = pending.popleft().result()
-                    self.waiting += time.perf_counter() - waited
-                    if isinstance(result, Failure):
-                        self.failures.append(result)
-                        self.store.add_failures([result])
-                        self.report()
-                        continue
-                    batch.append(result)
-                    if len(batch) == self.network.batch_size:
-                        self._compute(batch)
-                        batch = []
-                if batch:
-                    self._compute(batch)
-            except BaseException:
-                for future in pending:
-                    future.cancel()
-                raise
-
-    def _compute(self, batch: list[Decoded]) -> None:
-        begun = time.perf_counter()
-        pixels = np.stack([image.pixels for image in batch])
-        while True:
-            try:
-                features = self.network(pixels)
-                break
-            except NetworkOutOfMemory as error:
-                if self.network.batch_size == 1:
-                    raise VggfeatError(
-                        "out of memory computing even one image at a time; use a smaller "
-                        "--image-size, an earlier --layer, or free the GPU's memory"
-                    ) from error
-                # The same images again, in smaller batches, for the rest of the run.
-                self.network.set_batch_size(self.network.batch_size // 2)
-        computed = time.perf_counter()
-        self.store.append(batch, features)
-        self.computing += computed - begun
-        self.writing += time.perf_counter() - computed
-        self.stored += len(batch)
-        self.report()
-
-
-def _yield_to_the_network() -> None:
-    """Lower the calling thread's CPU priority (Linux schedules threads one by one)."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICENESS)
 
 
 def _cuts(architecture, names: Sequence[str]) -> list[Cut]:

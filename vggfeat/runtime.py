@@ -21,7 +21,7 @@ from pathlib import Path
 def tensorflow():
     """The ``tensorflow`` module, started with its devices found."""
     quiet = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
-    with _muted_stderr(enabled=quiet):
+    with muted_stderr(enabled=quiet):
         if quiet:
             os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
         try:
@@ -51,7 +51,8 @@ def cpu_has_fast_bfloat16() -> bool:
 
 
 @contextmanager
-def _muted_stderr(enabled: bool) -> Iterator[None]:
+def muted_stderr(enabled: bool = True) -> Iterator[None]:
+    """Standard error silenced at the file descriptor, for libraries that write there directly."""
     if not enabled:
         yield
         return

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from vggfeat.errors import VggfeatError
-from vggfeat.images import Decoded, Failure
+from vggfeat.images import Failure, Source
 from vggfeat.output import (
     FORMAT_VERSION,
     Column,
@@ -187,7 +187,7 @@ class _Plan:
 
 @dataclass
 class _Buffer:
-    images: list[Decoded] = field(default_factory=list)
+    images: list[Source] = field(default_factory=list)
     features: list[list[np.ndarray]] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
 
@@ -346,7 +346,7 @@ class FeatureStore:
 
     # Writing ---------------------------------------------------------------------------
 
-    def append(self, images: Sequence[Decoded], features: Sequence[np.ndarray]) -> None:
+    def append(self, images: Sequence[Source], features: Sequence[np.ndarray]) -> None:
         """Add one row per image; ``features`` holds one (len(images), ...) array per set.
 
         Commits a part when enough rows, bytes or time have gathered.

@@ -116,15 +116,50 @@ def published_file(architecture: Architecture, include_top: bool) -> PublishedFi
         ) from None
 
 
+@dataclass(frozen=True)
+class PreparedWeights:
+    """A weights file read once, to be given to networks elsewhere (Ray actors, say)."""
+
+    record: WeightsRecord
+    layers: tuple[StoredLayer, ...]
+
+    @classmethod
+    def read(
+        cls, architecture: Architecture, needs_top: bool, weights: str | os.PathLike
+    ) -> PreparedWeights:
+        """The ImageNet file (fetched into Keras's cache if missing) or a file, read."""
+        named = identify_weights(architecture, needs_top, weights)
+        if named.kind == "imagenet":
+            path = fetch_imagenet(published_file(architecture, needs_top))
+        else:
+            path = Path(weights)
+        record = WeightsRecord(named.kind, path.name, file_sha256(path))
+        return cls(record, tuple(read_weights_file(path)))
+
+    def digest(self) -> str:
+        """SHA-256 of every array in order: what a receiver checks it got."""
+        digest = hashlib.sha256()
+        for layer in self.layers:
+            for array in layer.arrays:
+                digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+
+
 def apply_weights(
-    model: keras.Model, architecture: Architecture, weights: str | os.PathLike, seed: int = 0
+    model: keras.Model,
+    architecture: Architecture,
+    weights: str | os.PathLike | PreparedWeights,
+    seed: int = 0,
 ) -> WeightsRecord:
     """Give ``model`` (built by ``architecture``) its weights and say where they came from.
 
     ``weights`` is ``"imagenet"``, ``"random"`` (the model keeps the weights it
-    was built with under ``seed``) or a path to a weights file.
+    was built with under ``seed``), a path to a weights file, or one already read.
     """
     layers = _weighted_layers(model, architecture)
+    if isinstance(weights, PreparedWeights):
+        _assign(model, layers, list(weights.layers), architecture, Path(weights.record.file))
+        return weights.record
     needs_top = any(layer.is_top for layer in layers)
     named = identify_weights(architecture, needs_top, weights, seed)
     if named.kind == "random":
