@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
-# The benchmark suite on a machine with an NVIDIA GPU, in a few minutes, offline.
+# vggfeat on an NVIDIA GPU through Keras's JAX backend, in one call of a few minutes, offline.
 #
-#   bash benchmarks/gpu.sh [RESULTS_FILE]
+#   bash benchmarks/gpu.sh OUTDIR
+#   VGGFEAT_GPU_DRY_RUN=1 bash benchmarks/gpu.sh OUTDIR    # the same steps, tiny, on a CPU
 #
-# Needs TensorFlow with CUDA in the Python that runs it (pip install
-# 'tensorflow[and-cuda]==2.21.*' and this package). The image folder is made
-# on the spot from sample_images/, so nothing is downloaded. Figures are
-# appended to RESULTS_FILE (default benchmarks/RESULTS.md) with the card's name.
+# Needs JAX (with CUDA on a GPU), h5py, Pillow, click, rich and numpy in the
+# Python that runs it; nothing is downloaded. What that Python lacks travels as
+# wheels in the ignored folder .whl/ (keras, namex, optree for Python 3.12,
+# manylinux x86_64; see README.md, Performance): they are installed into a
+# private folder, and vggfeat with --no-deps (TensorFlow is not needed). The
+# results land in OUTDIR (results.md, results.json), to be fetched back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-results=${1:-benchmarks/RESULTS.md}
+out=${1:?usage: bash benchmarks/gpu.sh OUTDIR}
 python=${PYTHON:-python3}
+site=$(mktemp -d)
+trap 'rm -rf "$site"' EXIT
 
-"$python" - <<'PY'
-from vggfeat.runtime import gpus
-found = gpus()
-if not found:
-    raise SystemExit("TensorFlow sees no GPU here; install tensorflow[and-cuda] or run the CPU suite")
-print("TensorFlow sees", ", ".join(g.name for g in found))
-PY
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-PYTHONUNBUFFERED=1 "$python" benchmarks/run.py --profile gpu --work "$work" --results "$results"
+if ! "$python" -c "import keras, jax, vggfeat" 2>/dev/null; then
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
+  fi
+  "$python" -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" .
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export KERAS_BACKEND=jax
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+PYTHONUNBUFFERED=1 "$python" benchmarks/gpu.py --out "$out"

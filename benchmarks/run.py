@@ -182,27 +182,30 @@ def warm_memory(megabytes: int) -> None:
 DISTINCT_IMAGES = 384
 
 
-def make_folder(folder: Path, count: int) -> Path:
-    """``count`` JPEGs made from sample_images at typical camera sizes, made once."""
+def make_folder(
+    folder: Path, count: int, sizes: list[tuple[int, int]] = SIZES, distinct: int = DISTINCT_IMAGES
+) -> Path:
+    """``count`` JPEGs made from sample_images at ``sizes``, made once.
+
+    ``distinct`` of them are encoded, from the samples decoded once; the rest
+    are hard links to those, which costs nothing.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    for index in range(DISTINCT_IMAGES, count):
+    made = min(count, distinct)
+    missing = [i for i in range(made) if not (folder / f"{i:06d}.jpg").exists()]
+    if missing:
+        sources = [Image.open(p).convert("RGB") for p in sorted(SAMPLES.glob("*/*.jpg"))]
+        rng = np.random.default_rng(0)
+        for index in missing:
+            width, height = sizes[index % len(sizes)]
+            image = sources[index % len(sources)].resize((width, height), Image.Resampling.BICUBIC)
+            if rng.random() < 0.5:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            image.save(folder / f"{index:06d}.jpg", quality=int(rng.integers(80, 95)))
+    for index in range(made, count):
         path = folder / f"{index:06d}.jpg"
         if not path.exists():
-            make_folder(folder, DISTINCT_IMAGES)
-            os.link(folder / f"{index % DISTINCT_IMAGES:06d}.jpg", path)
-    count = min(count, DISTINCT_IMAGES)
-    sources = [Image.open(p).convert("RGB") for p in sorted(SAMPLES.glob("*/*.jpg"))]
-    rng = np.random.default_rng(0)
-    for index in range(count):
-        path = folder / f"{index:06d}.jpg"
-        if path.exists():
-            continue
-        source = sources[index % len(sources)]
-        width, height = SIZES[index % len(SIZES)]
-        image = source.resize((width, height), Image.Resampling.BICUBIC)
-        if rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        image.save(path, quality=int(rng.integers(80, 95)))
+            os.link(folder / f"{index % made:06d}.jpg", path)
     return folder
 
 

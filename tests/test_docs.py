@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -69,3 +71,28 @@ def test_the_benchmark_suite_runs():
         "8. vggfeat --help",
     ):
         assert row in result.stdout
+
+
+def test_the_gpu_benchmark_dry_run_works(tmp_path):
+    # The GPU benchmark runs rarely, on a machine lent for minutes: its dry run keeps it working.
+    pytest.importorskip("jax", reason="JAX comes with the 'test' extra")
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "VGGFEAT_GPU_DRY_RUN": "1",
+            "TMPDIR": str(tmp_path),
+            "PYTHON": sys.executable,
+        },
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["dry_run"] is True and results["layer"] == "pool1"
+    assert results["network alone, batch 4"] > 0
+    assert results["decoding alone, 2 threads"] > 0 and results["decoding alone, 2 processes"] > 0
+    assert results["extract end to end, camera 4000x3000"] > 0
+    assert "| network alone, batch 2 |" in (tmp_path / "out" / "results.md").read_text()

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
+
 from vggfeat.errors import ImageSizeError, UnknownLayerError
 
 if TYPE_CHECKING:
@@ -188,10 +190,9 @@ class Architecture:
 
         ``dtype`` is a Keras dtype policy such as ``"mixed_bfloat16"``; float32 by default.
         """
-        from vggfeat.runtime import tensorflow
+        from vggfeat.runtime import keras_module
 
-        tensorflow()
-        import keras
+        keras = keras_module()
 
         self.check_image_size([up_to], image_size)
         inputs = keras.Input(shape=(image_size, image_size, 3), name="input_layer")
@@ -249,9 +250,7 @@ def _keras_layer(keras, layer: Layer, seed: int | None, dtype: str | None) -> ke
     if layer.kind == "flatten":
         return keras.layers.Flatten(name=layer.name, dtype=dtype)
     initialisers = {
-        "kernel_initializer": "zeros"
-        if seed is None
-        else keras.initializers.GlorotUniform(seed=seed),
+        "kernel_initializer": "zeros" if seed is None else _glorot_uniform(seed),
         "bias_initializer": "zeros",
         "dtype": dtype,
     }
@@ -267,3 +266,16 @@ def _keras_layer(keras, layer: Layer, seed: int | None, dtype: str | None) -> ke
     return keras.layers.Dense(
         layer.width, activation=layer.activation, name=layer.name, **initialisers
     )
+
+
+def _glorot_uniform(seed: int):
+    """Keras's default kernel initialiser, drawn by NumPy: a seed gives the same weights on
+    every backend (each backend's own random generator draws other numbers)."""
+
+    def draw(shape, dtype=None):
+        receptive = math.prod(shape[:-2])
+        limit = math.sqrt(6 / ((shape[-2] + shape[-1]) * receptive))
+        values = np.random.default_rng(seed).uniform(-limit, limit, shape)
+        return values.astype(np.float32)
+
+    return draw

@@ -21,6 +21,7 @@ from vggfeat.engine import ENGINES, STALL_SECONDS
 from vggfeat.errors import VggfeatError
 from vggfeat.images import RESIZE_MODES
 from vggfeat.network import PRECISIONS
+from vggfeat.runtime import BACKENDS
 from vggfeat.store import COMMIT_IMAGES, COMPRESSIONS, STORED_DTYPES
 from vggfeat.weights import published_files
 
@@ -90,6 +91,7 @@ def cli() -> None:
     \b
     Examples:
       vggfeat info --depth 19
+      vggfeat devices
       vggfeat extract photos/ --layer fc7 -o features.h5
     """
 
@@ -215,6 +217,36 @@ def _giga(count: int) -> str:
 
 
 @cli.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as one JSON object.")
+def devices(as_json: bool) -> None:
+    """List each backend, its version and the devices it can compute on.
+
+    When the machine has an NVIDIA GPU that a backend cannot use, says why and
+    what to install.
+
+    \b
+    Examples:
+      vggfeat devices
+      vggfeat devices --json | jq '.[] | select(.installed) | .devices'
+    """
+    from vggfeat.runtime import backend_facts
+
+    facts = [backend_facts(backend) for backend in BACKENDS]
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    for entry in facts:
+        if not entry["installed"]:
+            click.echo(f"{entry['backend']}: not installed ({entry['install']})")
+            continue
+        click.echo(f"{entry['backend']} {entry['version']}:")
+        for device in entry["devices"]:
+            click.echo(f"  {device['id']}: {device['name']}")
+        if entry["no_gpu_because"]:
+            click.echo(f"  no GPU: {entry['no_gpu_because']}")
+
+
+@cli.command(context_settings=CONTEXT)
 @click.argument("inputs", nargs=-1, type=click.Path(), metavar="INPUT...")
 @click.option(
     "-o",
@@ -262,7 +294,19 @@ def _giga(count: int) -> str:
 @choice_option(
     "--precision",
     PRECISIONS,
-    "mixed: float16 on a GPU, bfloat16 on a CPU; faster, slightly different numbers.",
+    "mixed: float16 on a GPU; bfloat16 with TensorFlow on a CPU with AVX512_BF16 or AMX; "
+    "float32 elsewhere. Faster, slightly different numbers.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default=None,
+    help="Keras backend for the network.  [default: $KERAS_BACKEND, else tensorflow]",
+)
+@click.option(
+    "--device",
+    metavar="cpu|gpu|gpu:N",
+    help="Where the network computes.  [default: the first GPU the backend sees, else cpu]",
 )
 @choice_option("--dtype", STORED_DTYPES, "How features are stored; float16 halves the file.")
 @choice_option("--compression", COMPRESSIONS, "HDF5 compression of the features.")
@@ -526,6 +570,8 @@ def _print_summary(summary) -> None:
             "Computed on: "
             + ", ".join(f"{node} {count:,}" for node, count in summary.rows_per_node.items())
         )
+    if summary.computed_by:
+        console.print(f"Computed by: {summary.computed_by}.")
     if summary.batch_size < summary.requested_batch_size:
         console.print(
             f"Ran out of memory: the batch size was lowered to {summary.batch_size}; "

@@ -22,6 +22,7 @@ import numpy as np
 from vggfeat.architecture import vgg
 from vggfeat.images import Decoded, Failure, Source, decode_image
 from vggfeat.network import Cut, FeatureNetwork
+from vggfeat.runtime import backend_version
 
 ENGINES = ("local", "ray")
 #: Seconds without an image done after which a Ray run stops rather than hang.
@@ -46,6 +47,27 @@ class Job:
     resize: str
     max_pixels: int | None
     workers: int | None
+    backend: str = "tensorflow"
+    device: str | None = None
+    """``cpu``, ``gpu`` or ``gpu:N``; None: the first GPU, else the CPU."""
+    compute_dtype: str | None = None
+    """What the layers compute in, as the output's settings say; None: from ``precision``."""
+
+    def network(self, batch_size: int, weights=None) -> FeatureNetwork:
+        """The job's network, built here (weights: the job's, or ones already read)."""
+        return FeatureNetwork(
+            vgg(self.depth),
+            self.cuts(),
+            self.image_size,
+            batch_size,
+            self.pool,
+            self.weights if weights is None else weights,
+            self.seed,
+            self.precision,
+            self.backend,
+            self.device,
+            self.compute_dtype,
+        )
 
     def cuts(self) -> list[Cut]:
         architecture = vgg(self.depth)
@@ -97,19 +119,14 @@ class LocalEngine:
     def __init__(self, job: Job, count: int) -> None:
         self.job = job
         # A run smaller than one batch needs no padding up to the full batch.
-        self.network = FeatureNetwork(
-            vgg(job.depth),
-            job.cuts(),
-            job.image_size,
-            min(job.batch_size, count),
-            job.pool,
-            job.weights,
-            job.seed,
-            job.precision,
-        )
+        self.network = job.network(min(job.batch_size, count))
         self.workers = job.workers or os.cpu_count() or 1
         self.weights_sha256 = self.network.weights.sha256
         self.stats = EngineStats(description={"engine": "local"})
+        self.computed_by = {
+            "device": self.network.description,
+            "backend_version": backend_version(job.backend),
+        }
 
     @property
     def batch_size(self) -> int:

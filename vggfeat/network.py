@@ -1,16 +1,19 @@
-"""The cut network and its heads, compiled once for one batch shape.
+"""The cut network and its heads, compiled once for one batch shape, on TensorFlow or JAX.
 
 uint8 pixels go in; the Caffe preprocessing the ImageNet weights expect
 (RGB to BGR, minus the ImageNet mean, no scaling, as
 ``keras.applications.vgg16.preprocess_input`` does), the network up to the
 deepest requested layer, the optional spatial pooling and the cast back to
-float32 all run inside one ``tf.function`` traced once: the last, short batch
-is padded rather than traced again.
+float32 all run inside one compiled function (``tf.function`` or
+``jax.jit``), traced once: the last, short batch is padded rather than
+traced again.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,8 +21,16 @@ import numpy as np
 
 from vggfeat.architecture import Architecture, Catalogue, Layer
 from vggfeat.errors import VggfeatError
-from vggfeat.runtime import cpu_has_fast_bfloat16, gpus, tensorflow
-from vggfeat.weights import WeightsRecord, apply_weights
+from vggfeat.runtime import (
+    backend_version,
+    choose_device,
+    cpu_has_fast_bfloat16,
+    default_backend,
+    is_out_of_memory,
+    library,
+    start,
+)
+from vggfeat.weights import PreparedWeights, WeightsRecord, apply_weights
 
 Pooling = Literal["none", "avg", "max"]
 Precision = Literal["float32", "mixed"]
@@ -49,17 +60,18 @@ class Cut:
         return shape[-1:] if self.pools(pool) else shape
 
 
-def compute_dtype(precision: Precision, on_gpu: bool) -> str:
-    """The dtype the layers compute in, for mixed: float16 on a GPU, bfloat16 on a CPU.
+def compute_dtype(precision: Precision, device: str, backend: str) -> str:
+    """The dtype the layers compute in: with mixed, float16 on a GPU; on a CPU, bfloat16
+    only where it is fast: TensorFlow (oneDNN) on a CPU with AVX512_BF16 or AMX.
 
-    A CPU without bfloat16 units would only emulate it, slower than float32,
-    so there mixed precision computes in float32.
+    Elsewhere bfloat16 would only be emulated, and XLA's CPU bfloat16 (JAX) was
+    measured slower than its float32, so mixed precision computes in float32.
     """
     if precision == "float32":
         return "float32"
-    if on_gpu:
+    if device == "gpu":
         return "float16"
-    return "bfloat16" if cpu_has_fast_bfloat16() else "float32"
+    return "bfloat16" if backend == "tensorflow" and cpu_has_fast_bfloat16() else "float32"
 
 
 class NetworkOutOfMemory(VggfeatError):
@@ -67,7 +79,11 @@ class NetworkOutOfMemory(VggfeatError):
 
 
 class FeatureNetwork:
-    """VGG cut at one or more layers, as one function from uint8 batches to features."""
+    """VGG cut at one or more layers, as one function from uint8 batches to features.
+
+    Written in ``keras.ops``: the same code is compiled by ``tf.function`` on
+    TensorFlow and by ``jax.jit`` on JAX, once per batch shape.
+    """
 
     def __init__(
         self,
@@ -76,62 +92,119 @@ class FeatureNetwork:
         image_size: int,
         batch_size: int,
         pool: Pooling = "none",
-        weights: str | os.PathLike = "imagenet",
+        weights: str | os.PathLike | PreparedWeights = "imagenet",
         seed: int = 0,
         precision: Precision = "float32",
+        backend: str | None = None,
+        device: str | None = None,
+        compute: str | None = None,
     ) -> None:
-        tensorflow()
-        import keras
-
+        self.backend = backend or default_backend()
+        keras = start(self.backend)
+        self.device = choose_device(self.backend, device)
         self.cuts = cuts
         self.image_size = image_size
         self.pool = pool
-        self.on_gpu = bool(gpus())
-        self.compute_dtype = compute_dtype(precision, self.on_gpu)
+        self.on_gpu = self.device.kind == "gpu"
+        self.compute_dtype = compute or compute_dtype(precision, self.device.kind, self.backend)
         policy = None if self.compute_dtype == "float32" else f"mixed_{self.compute_dtype}"
+        self._traces = 0
 
         deepest = max((cut.layer for cut in cuts), key=architecture.layers.index)
-        model = architecture.build(
-            image_size, deepest, seed if weights == "random" else None, dtype=policy
-        )
-        self.weights: WeightsRecord = apply_weights(model, architecture, weights, seed)
-        outputs = [model.get_layer(cut.layer.name).output for cut in cuts]
-        self._model = keras.Model(model.input, outputs)
+        with self._placed():
+            model = architecture.build(
+                image_size, deepest, seed if weights == "random" else None, dtype=policy
+            )
+            self.weights: WeightsRecord = apply_weights(model, architecture, weights, seed)
+            outputs = [model.get_layer(cut.layer.name).output for cut in cuts]
+            self._model = keras.Model(model.input, outputs)
         self.set_batch_size(batch_size)
 
+    @property
+    def description(self) -> str:
+        """What computes: ``NVIDIA H200 (GPU 0), float16, JAX 0.11.2``."""
+        name = {"tensorflow": "TensorFlow", "jax": "JAX"}[self.backend]
+        return f"{self.device.label}, {self.compute_dtype}, {name} {backend_version(self.backend)}"
+
+    @contextmanager
+    def _placed(self) -> Iterator[None]:
+        """Variables and computations on the chosen device."""
+        module = library(self.backend)
+        if self.backend == "tensorflow":
+            kind = "GPU" if self.on_gpu else "CPU"
+            with module.device(f"/{kind}:{self.device.index}"):
+                yield
+        else:
+            platform = "gpu" if self.on_gpu else "cpu"
+            with module.default_device(module.devices(platform)[self.device.index]):
+                yield
+
     def set_batch_size(self, batch_size: int) -> None:
-        """Compile the function for batches of ``batch_size`` images (traced once, on first use)."""
-        tf = tensorflow()
-        mean = tf.constant(CAFFE_MEAN_BGR, tf.float32)
-        pooling = {"avg": tf.reduce_mean, "max": tf.reduce_max}
-        cuts, pool, model, size = self.cuts, self.pool, self._model, self.image_size
-
-        @tf.function(
-            input_signature=[tf.TensorSpec((batch_size, size, size, 3), tf.uint8)],
-            reduce_retracing=False,
-        )
-        def forward(pixels):
-            bgr = tf.reverse(tf.cast(pixels, tf.float32), axis=[-1]) - mean
-            outputs = model(bgr, training=False)
-            if len(cuts) == 1:
-                outputs = [outputs]
-            features = []
-            for cut, output in zip(cuts, outputs, strict=True):
-                output = tf.cast(output, tf.float32)
-                if cut.pools(pool):
-                    output = pooling[pool](output, axis=[1, 2])
-                features.append(output)
-            return features
-
+        """Compile the function for batches of ``batch_size`` images, now, not on first use."""
         self.batch_size = batch_size
-        # Trace now, so that start-up, not the first batch, pays for it.
+        shape = (batch_size, self.image_size, self.image_size, 3)
+        with self._placed():
+            if self.backend == "tensorflow":
+                self._compiled = self._compile_tensorflow(shape)
+            else:
+                self._compiled = self._compile_jax(shape)
+
+    def _forward(self, outputs_of, pixels):
+        """Caffe preprocessing, the model, then each cut's head; runs once per trace."""
+        import keras
+
+        self._traces += 1
+        ops = keras.ops
+        bgr = ops.flip(ops.cast(pixels, "float32"), axis=-1) - ops.convert_to_tensor(
+            CAFFE_MEAN_BGR, "float32"
+        )
+        outputs = outputs_of(bgr)
+        if not isinstance(outputs, list | tuple):
+            outputs = [outputs]
+        pooling = {"avg": ops.mean, "max": ops.max}
+        features = []
+        for cut, output in zip(self.cuts, outputs, strict=True):
+            output = ops.cast(output, "float32")
+            if cut.pools(self.pool):
+                output = pooling[self.pool](output, axis=(1, 2))
+            features.append(output)
+        return features
+
+    def _compile_tensorflow(self, shape):
+        tf = library("tensorflow")
+        model = self._model
+
+        @tf.function(input_signature=[tf.TensorSpec(shape, tf.uint8)], reduce_retracing=False)
+        def forward(pixels):
+            return self._forward(lambda x: model(x, training=False), pixels)
+
         forward.get_concrete_function()
-        self._forward = forward
+        return lambda pixels: [output.numpy() for output in forward(pixels)]
+
+    def _compile_jax(self, shape):
+        jax = library("jax")
+        model = self._model
+        # Passed as arguments, not closed over: 500 MB of constants would be baked into the program.
+        trainable = [variable.value for variable in model.trainable_variables]
+        fixed = [variable.value for variable in model.non_trainable_variables]
+
+        def forward(trainable, fixed, pixels):
+            def outputs_of(x):
+                return model.stateless_call(trainable, fixed, x, training=False)[0]
+
+            return self._forward(outputs_of, pixels)
+
+        compiled = (
+            jax.jit(forward)
+            .lower(trainable, fixed, jax.ShapeDtypeStruct(shape, np.uint8))
+            .compile()
+        )
+        return lambda pixels: [np.asarray(out) for out in compiled(trainable, fixed, pixels)]
 
     @property
     def traces(self) -> int:
-        """How many times the function was traced; 1 after any number of batches."""
-        return self._forward.experimental_get_tracing_count()
+        """How many times the function was traced: once per batch size, whatever the batches."""
+        return self._traces
 
     def __call__(self, pixels: np.ndarray) -> list[np.ndarray]:
         """Features of a batch: (n, size, size, 3) uint8 in, one float32 array per cut out.
@@ -153,13 +226,15 @@ class FeatureNetwork:
                 self.set_batch_size(self.batch_size // 2)
 
     def _compute(self, pixels: np.ndarray) -> list[np.ndarray]:
-        tf = tensorflow()
         try:
-            chunks = [
-                self._run(pixels[start : start + self.batch_size])
-                for start in range(0, len(pixels), self.batch_size)
-            ]
-        except tf.errors.ResourceExhaustedError as error:
+            with self._placed():
+                chunks = [
+                    self._run(pixels[start : start + self.batch_size])
+                    for start in range(0, len(pixels), self.batch_size)
+                ]
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
             raise NetworkOutOfMemory(
                 f"out of memory on a batch of {self.batch_size} images"
             ) from error
@@ -171,4 +246,4 @@ class FeatureNetwork:
         if count < self.batch_size:
             padding = np.zeros((self.batch_size - count, *pixels.shape[1:]), np.uint8)
             pixels = np.concatenate([pixels, padding])
-        return [output.numpy()[:count] for output in self._forward(pixels)]
+        return [output[:count] for output in self._compiled(pixels)]

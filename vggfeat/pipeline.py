@@ -33,7 +33,7 @@ from vggfeat.images import (
     pixel_limit,
 )
 from vggfeat.network import PRECISIONS, PREPROCESSING, Cut, compute_dtype
-from vggfeat.runtime import gpus
+from vggfeat.runtime import choose_device, default_backend, require
 from vggfeat.store import (
     COMMIT_IMAGES,
     COMPRESSIONS,
@@ -105,6 +105,8 @@ class Summary:
     engine: str
     """``local`` or ``ray``."""
     rows_per_node: dict[str, int]
+    computed_by: str
+    """What computed this run's images: device, compute dtype, backend and version."""
     """Images computed on each machine (``local`` for the local engine)."""
     seconds: float
     timings: Timings
@@ -134,6 +136,8 @@ def extract(
     image_size: int = TOP_IMAGE_SIZE,
     resize: str = "squash",
     precision: str = "float32",
+    backend: str | None = None,
+    device: str | None = None,
     dtype: str = "float32",
     compression: str = "none",
     files_from: Iterable[str] = (),
@@ -184,6 +188,8 @@ def extract(
     if isinstance(shard, str):
         shard = Shard.parse(shard)
     _check_engine(engine, ray_address, actors, gpus_per_actor, stall_timeout)
+    backend = backend or default_backend()
+    require(backend)
     architecture.check_image_size([cut.layer for cut in cuts], image_size)
     named = identify_weights(architecture, any(cut.layer.is_top for cut in cuts), weights, seed)
     paths = discover([os.fspath(p) for p in inputs], files_from)
@@ -198,7 +204,7 @@ def extract(
         seed=seed,
         image_size=image_size,
         resize=resize,
-        compute_dtype=compute_dtype(precision, on_gpu=precision != "float32" and bool(gpus())),
+        compute_dtype=_compute_dtype(precision, backend, device, engine, gpus_per_actor),
         dtype=dtype,
     )
     layout = Layout(
@@ -228,6 +234,9 @@ def extract(
         resize=resize,
         max_pixels=max_pixels,
         workers=workers,
+        backend=backend,
+        device=device,
+        compute_dtype=settings.compute_dtype,
     )
     running = None
     drive = _Driver(store, on_progress)
@@ -248,6 +257,7 @@ def extract(
                     verbose,
                 )
             learnt = {"weights_sha256": running.weights_sha256} if running else {}
+            learnt |= {"backend": backend} | (running.computed_by if running else {})
             for index, todo in work:
                 store.begin(index)
                 if todo:
@@ -294,6 +304,7 @@ def extract(
         waiting_for=waiting_for,
         shard=shard,
         engine=running.name if running else engine,
+        computed_by=running.computed_by["device"] if running else "",
         rows_per_node=dict(running.stats.rows_per_node) if running else {},
         seconds=seconds,
         timings=Timings(max(0.0, seconds - busy), drive.waiting, drive.network, drive.writing),
@@ -301,6 +312,20 @@ def extract(
         batch_size=running.batch_size if running else batch_size,
         requested_batch_size=min(batch_size, drive.total) if drive.total else batch_size,
     )
+
+
+def _compute_dtype(
+    precision: str, backend: str, device: str | None, engine: str, gpus_per_actor: float | None
+) -> str:
+    """What the layers will compute in, known before anything is written."""
+    if precision == "float32":
+        return "float32"
+    if engine == "ray":
+        # Resolved here, before any cluster is reached; every actor computes in it.
+        kind = "gpu" if gpus_per_actor else "cpu"
+    else:
+        kind = choose_device(backend, device).kind
+    return compute_dtype(precision, kind, backend)
 
 
 def _check_engine(engine, address, actors, gpus_per_actor, stall_timeout) -> None:

@@ -32,7 +32,7 @@ from vggfeat.architecture import vgg
 from vggfeat.engine import Computed, EngineStats, Job, Result
 from vggfeat.errors import VggfeatError
 from vggfeat.images import Decoded, Failure, Source, pixel_limit
-from vggfeat.runtime import muted_stderr
+from vggfeat.runtime import backend_version, muted_stderr, start
 
 INSTALL = "pip install 'vggfeat[ray]'"
 #: Images per decoding task: enough to amortise a task, few enough to spread them.
@@ -102,6 +102,10 @@ class RayEngine:
             )
             self._node_ips = {node["NodeID"]: node.get("NodeManagerAddress", "?") for node in nodes}
             self.weights, self.weights_sha256 = self._prepare_weights()
+            self.computed_by = {
+                "device": f"Ray, {self.actors} actors, {job.compute_dtype}, {job.backend}",
+                "backend_version": backend_version(job.backend),
+            }
             self.stats = EngineStats(
                 description={
                     "engine": "ray",
@@ -126,6 +130,7 @@ class RayEngine:
 
         if self.job.weights == "random":
             return None, ""
+        start(self.job.backend)  # Keras fetches the ImageNet file
         architecture = vgg(self.job.depth)
         needs_top = any(cut.layer.is_top for cut in self.job.cuts())
         prepared = PreparedWeights.read(architecture, needs_top, self.job.weights)
@@ -385,8 +390,6 @@ class _NetworkActor:
     def __init__(self, job: Job, weights: list | None) -> None:
         import ray
 
-        from vggfeat.network import FeatureNetwork
-
         chosen: Any = job.weights
         if weights is not None:
             reference, digest = weights
@@ -394,16 +397,7 @@ class _NetworkActor:
             if chosen.digest() != digest:
                 raise VggfeatError("the weights an actor received differ from the driver's")
         self.shapes = job.feature_shapes()
-        self.network = FeatureNetwork(
-            vgg(job.depth),
-            job.cuts(),
-            job.image_size,
-            job.batch_size,
-            job.pool,
-            chosen,
-            job.seed,
-            job.precision,
-        )
+        self.network = job.network(job.batch_size, None if chosen is job.weights else chosen)
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
