@@ -40,7 +40,10 @@ LAYER, IMAGE_SIZE = ("pool1", 32) if DRY else ("fc7", 224)
 BATCHES = (2, 4) if DRY else (64, 128, 256, 512)
 REPEATS = 2 if DRY else 20
 FOLDERS = (
-    [("ImageNet-like 500x375", 24, (500, 375)), ("camera 4000x3000", 4, (800, 600))]
+    [
+        ("ImageNet-like 500x375", 24, (500, 375)),
+        ("camera-like (800x600 in the dry run)", 4, (800, 600)),
+    ]
     if DRY
     else [("ImageNet-like 500x375", 20_000, (500, 375)), ("camera 4000x3000", 2_000, (4000, 3000))]
 )

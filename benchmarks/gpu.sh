@@ -11,13 +11,19 @@
 # private folder, and vggfeat with --no-deps (TensorFlow is not needed). The
 # results land in OUTDIR (results.md, results.json), to be fetched back.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 out=${1:?usage: bash benchmarks/gpu.sh OUTDIR}
+out=$(realpath -m "$out")   # before the cd below: a relative OUTDIR is the caller's
+cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 site=$(mktemp -d)
-trap 'rm -rf "$site"' EXIT
+work=$(mktemp -d)
+trap 'rm -rf "$site" "$work"' EXIT
 
-if ! "$python" -c "import keras, jax, vggfeat" 2>/dev/null; then
+if ! "$python" -c "import jax" 2>/dev/null; then
+  echo "$python has no JAX: run this with a Python that has it (PYTHON=...)" >&2
+  exit 1
+fi
+if ! "$python" -c "import keras, vggfeat" 2>/dev/null; then
   if compgen -G ".whl/*.whl" >/dev/null; then
     "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
   fi
@@ -26,4 +32,4 @@ if ! "$python" -c "import keras, jax, vggfeat" 2>/dev/null; then
 fi
 export KERAS_BACKEND=jax
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
-PYTHONUNBUFFERED=1 "$python" benchmarks/gpu.py --out "$out"
+PYTHONUNBUFFERED=1 "$python" benchmarks/gpu.py --out "$out" --work "$work"

@@ -92,7 +92,7 @@ def test_unknown_layer_lists_the_valid_ones():
 
 def test_classifier_layers_need_224():
     architecture = vgg(16)
-    with pytest.raises(ImageSizeError, match="fc7 need 224x224"):
+    with pytest.raises(ImageSizeError, match="fc7 needs 224x224"):
         architecture.build(160, architecture.layer("fc7"))
     with pytest.raises(ImageSizeError, match="at least 32x32"):
         architecture.catalogue(31)

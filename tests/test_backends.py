@@ -98,7 +98,8 @@ def test_a_backend_that_is_not_installed_is_one_line_before_any_work(tmp_path):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.stdout.strip() == "exit 1 False", result.stderr
     assert result.stderr.strip() == (
-        "Error: --backend jax needs jax, which is not installed: pip install 'vggfeat[jax]'"
+        "Error: the jax backend needs jax, which is not installed: pip install 'vggfeat[jax]', "
+        "or use --backend tensorflow"
     )
     assert not list(tmp_path.iterdir())
 
@@ -143,3 +144,41 @@ def test_jax_running_out_of_memory_is_recognised():
     )
     assert result.stdout.split()[-1] == "True", (result.stdout, result.stderr)
     assert not __import__("vggfeat.runtime").runtime.is_out_of_memory(ValueError("RESOURCE"))
+
+
+def test_an_unknown_keras_backend_is_a_usage_error(tmp_path):
+    result = vggfeat_cli(
+        "extract", str(ROOT / "sample_images"), "-o", str(tmp_path / "f.h5"),
+        env={"KERAS_BACKEND": "torch"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "Error: KERAS_BACKEND=torch is not a backend vggfeat runs on (tensorflow, jax); "
+        "pass --backend, or unset KERAS_BACKEND"
+    ]
+
+
+def test_a_backend_that_cannot_be_imported_is_one_line_and_devices_lists_the_rest(tmp_path):
+    probe = (
+        "import sys; sys.modules['jaxlib'] = None\n"
+        "from vggfeat.cli import cli\n"
+        "try:\n"
+        "    cli(sys.argv[1:])\n"
+        "except SystemExit as stop:\n"
+        "    print('exit', stop.code)\n"
+    )
+    run = [sys.executable, "-c", probe]
+    extract = subprocess.run(
+        [*run, "extract", str(ROOT / "sample_images"), "-o", str(tmp_path / "f.h5"),
+         "--backend", "jax", "--layer", "pool1", "--image-size", "32", "--weights", "random"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert extract.stdout.strip().endswith("exit 1"), extract.stderr
+    [line] = extract.stderr.strip().splitlines()
+    assert "jax is installed but cannot be imported" in line
+    devices = subprocess.run(
+        [*run, "devices", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    facts = {e["backend"]: e for e in json.loads(devices.stdout.rsplit("exit", 1)[0])}
+    assert "cannot be imported" in facts["jax"]["no_gpu_because"]
+    assert {"id": "cpu", "kind": "cpu", "name": describe_cpu()} in facts["tensorflow"]["devices"]

@@ -75,7 +75,7 @@ def test_usage_errors():
     result = invoke("info", "--depth", "15")
     assert result.exit_code == 2 and "'15' is not one of '11', '13', '16', '19'" in result.output
     result = invoke("info", "--image-size", "16")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.output.strip() == (
         "Error: --image-size 16 is too small: VGG16 needs at least 32x32 "
         "so that pool5 keeps one pixel"
@@ -130,10 +130,10 @@ def test_help_and_argument_errors_do_not_import_tensorflow(tmp_path):
     *answers, loaded = result.stdout.splitlines()
     assert loaded == "none"
     codes = [json.loads(answer)[0] for answer in answers]
-    assert codes == [0, 0, 2, 0, 0, 1, 1, 1, 1, 1]
+    assert codes == [0, 0, 2, 0, 0, 1, 2, 2, 1, 1]
     errors = [json.loads(answer)[1][0] for answer in answers[5:]]
     assert "missing does not exist" in errors[0]
     assert "VGG16 has no layer 'fc9'" in errors[1]
-    assert "fc7 need 224x224 input" in errors[2]
+    assert "fc7 needs 224x224 input" in errors[2]
     assert errors[3].startswith(f"Error: cannot write output {tmp_path}/file/out.h5")
     assert "no images found in the inputs" in errors[4]

@@ -94,5 +94,5 @@ def test_the_gpu_benchmark_dry_run_works(tmp_path):
     assert results["dry_run"] is True and results["layer"] == "pool1"
     assert results["network alone, batch 4"] > 0
     assert results["decoding alone, 2 threads"] > 0 and results["decoding alone, 2 processes"] > 0
-    assert results["extract end to end, camera 4000x3000"] > 0
+    assert results["extract end to end, camera-like (800x600 in the dry run)"] > 0
     assert "| network alone, batch 2 |" in (tmp_path / "out" / "results.md").read_text()

@@ -279,8 +279,8 @@ def test_fc_layers_at_another_size_fail_clearly(tmp_path):
     result = invoke(
         "extract", str(tmp_path / "photos"), "--image-size", "64", "-o", str(tmp_path / "f.h5")
     )
-    assert result.exit_code == ExitCode.ERROR
-    assert "fc7 need 224x224 input" in result.output
+    assert result.exit_code == ExitCode.USAGE
+    assert "fc7 needs 224x224 input" in result.output
     assert not (tmp_path / "f.h5").exists()
 
 

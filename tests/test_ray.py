@@ -44,6 +44,8 @@ def make_photos(folder: Path, count: int, broken: int = 3) -> Path:
         Image.fromarray(pixels).save(folder / f"{index:03d}.jpg", quality=85)
     for index in range(broken):
         (folder / f"{index:03d}-broken.jpg").write_bytes(b"\xff\xd8\xff" + bytes(50))
+    if broken:
+        (folder / "!gone.jpg").symlink_to(folder / "nowhere.jpg")  # the first input, missing
     return folder
 
 
@@ -101,7 +103,7 @@ def test_a_local_instance_writes_the_local_engines_file(photos, tmp_path):
     images, reference = photos
     output = tmp_path / "ray.h5"
     summary = extract([images], output, **OPTIONS, engine="ray", batch_size=4)
-    assert (summary.engine, summary.computed, len(summary.failures)) == ("ray", 60, 3)
+    assert (summary.engine, summary.computed, len(summary.failures)) == ("ray", 60, 4)
     assert sum(summary.rows_per_node.values()) == 60
     assert_same_file(output, reference)
     attributes = vggfeat.load(output).attributes
@@ -120,11 +122,82 @@ def test_a_weights_file_reaches_every_actor_checked(photos, tmp_path, weight_fil
     assert vggfeat.load(tmp_path / "ray.h5").attributes["weights_sha256"] == local != ""
 
 
-def test_ray_options_without_the_ray_engine_are_refused(tmp_path):
-    from vggfeat.errors import VggfeatError
+def test_a_weights_file_that_does_not_fit_is_one_line(photos, tmp_path, weight_files):
+    images, _ = photos
+    result = subprocess.run(
+        command(images, tmp_path / "f.h5", "--weights", str(weight_files(19)), "--quiet"),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        # As a user runs it: conftest's TF_CPP_MIN_LOG_LEVEL would count as the user's choice.
+        env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    [line] = lines
+    assert line.startswith("Error: weights file ") and line.endswith(
+        "is not for VGG16; the file holds 16 conv layers, as VGG19 does (--depth 19)"
+    )
 
-    with pytest.raises(VggfeatError, match="--actors work with --engine ray only"):
-        extract([tmp_path], tmp_path / "f.h5", **OPTIONS, actors=2)
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--actors", "2"], "--actors works with --engine ray only"),
+        (["--stall-timeout", "5", "--verbose"], "--stall-timeout and --verbose work with"),
+        (["--engine", "ray", "--stall-timeout", "nan"], "--stall-timeout must be a number"),
+        (["--engine", "ray", "--ray-address", "127.0.0.1:99999"], "is not auto, HOST:PORT"),
+    ],
+)
+def test_bad_engine_options_are_usage_errors(tmp_path, options, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "vggfeat", "extract", str(tmp_path), *FLAGS, *options],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode in (1, 2) and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.returncode == 2 or "ray-address" in message
+
+
+def test_sigterm_commits_and_exits_143(photos, tmp_path, ray_tmp):
+    images, _ = photos
+    output = tmp_path / "f.h5"
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    heavy = ["--layer", "pool4", "--image-size", "128", "--commit-every", "4"]
+    process = subprocess.Popen(
+        [*command(images, output), *heavy], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+    )
+    wait_for_parts(process, output, 1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "Completed work is kept in" in stderr
+
+
+def test_something_that_listens_but_is_no_ray_cluster_fails_within_the_limit(tmp_path):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        images = make_photos(tmp_path / "photos", 1, broken=0)
+        started = time.monotonic()
+        result = subprocess.run(
+            command(images, tmp_path / "f.h5", "--ray-address", f"127.0.0.1:{port}"),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "VGGFEAT_RAY_CONNECT_SECONDS": "5"},
+            timeout=120,
+        )
+    assert result.returncode == 1, result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - started < 60
 
 
 def test_without_ray_the_engine_is_refused_before_tensorflow(tmp_path):

@@ -370,7 +370,10 @@ def test_rows_computed_in_other_precisions_are_not_mixed(tmp_path, monkeypatch):
     output = tmp_path / "f.h5"
     extract([tmp_path / "photos"], output, **OPTIONS)
     monkeypatch.setattr(network_module, "cpu_has_fast_bfloat16", lambda: True)
-    with pytest.raises(VggfeatError, match=r"--precision \(computing in\) float32 in the file"):
+    with pytest.raises(
+        VggfeatError,
+        match=r"computing in \(--precision, --backend and the device decide\) float32 in the file",
+    ):
         extract([tmp_path / "photos"], output, **OPTIONS, precision="mixed")
     monkeypatch.setattr(network_module, "cpu_has_fast_bfloat16", lambda: False)
     same = extract([tmp_path / "photos"], output, **OPTIONS, precision="mixed")

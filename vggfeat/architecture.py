@@ -12,6 +12,7 @@ the published weight files are laid out by them.
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 from functools import cache
@@ -143,8 +144,11 @@ class Architecture:
         for layer in self.layers:
             if wanted in (layer.name, layer.alias):
                 return layer
+        names = [*self.cut_points, *(layer.name for layer in self.layers)]
+        close = difflib.get_close_matches(name.strip().lower(), names, n=1, cutoff=0.6)
+        guess = f"did you mean {close[0]}? " if close else ""
         raise UnknownLayerError(
-            f"{self.name} has no layer {name!r}; choose one of: {', '.join(self.cut_points)}"
+            f"{self.name} has no layer {name!r}; {guess}choose one of: {', '.join(self.cut_points)}"
         )
 
     def check_image_size(self, layers: Iterable[Layer], image_size: int) -> None:
@@ -157,7 +161,8 @@ class Architecture:
         top = [layer.alias for layer in layers if layer.is_top]
         if top and image_size != TOP_IMAGE_SIZE:
             raise ImageSizeError(
-                f"{', '.join(top)} need {TOP_IMAGE_SIZE}x{TOP_IMAGE_SIZE} input, as the fully "
+                f"{' and '.join(top)} {'needs' if len(top) == 1 else 'need'} "
+                f"{TOP_IMAGE_SIZE}x{TOP_IMAGE_SIZE} input, as the fully "
                 f"connected layers were trained on pool5's 7x7x512 map; use --image-size "
                 f"{TOP_IMAGE_SIZE}, or a convolutional cut such as pool5 at {image_size}"
             )

@@ -18,7 +18,7 @@ import click
 
 from vggfeat.architecture import DEPTHS, POOLINGS, TOP_IMAGE_SIZE, Architecture, Catalogue, vgg
 from vggfeat.engine import ENGINES, STALL_SECONDS
-from vggfeat.errors import VggfeatError
+from vggfeat.errors import OptionError, VggfeatError
 from vggfeat.images import RESIZE_MODES
 from vggfeat.network import PRECISIONS
 from vggfeat.runtime import BACKENDS
@@ -35,7 +35,7 @@ class ExitCode(IntEnum):
     ERROR = 1
     """A problem to fix: the message on stderr says which and how."""
     USAGE = 2
-    """An unknown option or a bad value."""
+    """An unknown option or a bad value (an unknown layer, a size a layer cannot take, ...)."""
     SOME_FAILED = 3
     """``--strict`` and at least one image could not be used."""
     INTERRUPTED = 130
@@ -44,12 +44,21 @@ class ExitCode(IntEnum):
     """SIGTERM: as for Ctrl-C."""
 
 
+class _BadOption(click.ClickException):
+    """A bad option value: one line, exit 2."""
+
+    exit_code = ExitCode.USAGE
+
+
 class _Commands(click.Group):
-    """Shows a ``VggfeatError`` from any command as one line on stderr, exit 1."""
+    """Shows a ``VggfeatError`` from any command as one line on stderr: exit 2 for a bad
+    option value, 1 for anything else."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except OptionError as error:
+            raise _BadOption(str(error)) from error
         except VggfeatError as error:
             raise click.ClickException(str(error)) from error
 
@@ -75,7 +84,7 @@ def choice_option(name: str, choices: tuple[str, ...], help: str):
 def image_size_option(command):
     return click.option(
         "--image-size",
-        type=click.IntRange(min=1),
+        type=int,
         default=TOP_IMAGE_SIZE,
         show_default=True,
         metavar="N",
@@ -299,7 +308,7 @@ def devices(as_json: bool) -> None:
 )
 @click.option(
     "--backend",
-    type=click.Choice(BACKENDS),
+    type=click.Choice(BACKENDS, case_sensitive=False),
     default=None,
     help="Keras backend for the network.  [default: $KERAS_BACKEND, else tensorflow]",
 )
@@ -370,11 +379,10 @@ def devices(as_json: bool) -> None:
 )
 @click.option(
     "--stall-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=STALL_SECONDS,
-    show_default=True,
+    type=float,
     metavar="SECONDS",
-    help="With --engine ray, stop (keeping completed work) when no image is done for this long.",
+    help="With --engine ray, stop (keeping completed work) when no image is done for this "
+    f"long, start-up included.  [default: {STALL_SECONDS:g}]",
 )
 @click.option("--verbose", is_flag=True, help="Show Ray's own progress and logs on stderr.")
 @click.option("--strict", is_flag=True, help="Exit 3 if any image could not be used.")
@@ -567,11 +575,9 @@ def _print_summary(summary) -> None:
         )
     if summary.engine == "ray" and summary.rows_per_node:
         console.print(
-            "Computed on: "
+            "Images per node: "
             + ", ".join(f"{node} {count:,}" for node, count in summary.rows_per_node.items())
         )
-    if summary.computed_by:
-        console.print(f"Computed by: {summary.computed_by}.")
     if summary.batch_size < summary.requested_batch_size:
         console.print(
             f"Ran out of memory: the batch size was lowered to {summary.batch_size}; "
@@ -587,3 +593,5 @@ def _print_summary(summary) -> None:
         f"network {timings.network:.1f} s, writing {timings.writing:.1f} s)."
         + (f" File: {summary.file_bytes / 1e6:,.1f} MB." if summary.assembled else "")
     )
+    if summary.computed_by:
+        console.print(f"Computed by: {summary.computed_by}.")

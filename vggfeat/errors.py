@@ -11,11 +11,15 @@ class VggfeatError(Exception):
     """Base class: a problem with the user's input, settings or environment."""
 
 
-class UnknownLayerError(VggfeatError, ValueError):
+class OptionError(VggfeatError, ValueError):
+    """A bad option value: the command line exits 2, as for an unknown option."""
+
+
+class UnknownLayerError(OptionError):
     """A layer name that is neither a Keras name nor a known alias."""
 
 
-class ImageSizeError(VggfeatError, ValueError):
+class ImageSizeError(OptionError):
     """An input size the requested layers cannot take."""
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from vggfeat.architecture import Architecture, Catalogue, Layer
 from vggfeat.errors import VggfeatError
 from vggfeat.runtime import (
+    BACKEND_NAMES,
     backend_version,
     choose_device,
     cpu_has_fast_bfloat16,
@@ -123,7 +124,7 @@ class FeatureNetwork:
     @property
     def description(self) -> str:
         """What computes: ``NVIDIA H200 (GPU 0), float16, JAX 0.11.2``."""
-        name = {"tensorflow": "TensorFlow", "jax": "JAX"}[self.backend]
+        name = BACKEND_NAMES[self.backend]
         return f"{self.device.label}, {self.compute_dtype}, {name} {backend_version(self.backend)}"
 
     @contextmanager

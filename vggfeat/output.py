@@ -102,7 +102,7 @@ _OPTIONS = {
     "seed": "--seed",
     "image_size": "--image-size",
     "resize": "--resize",
-    "compute_dtype": "--precision (computing in)",
+    "compute_dtype": "computing in (--precision, --backend and the device decide)",
     "dtype": "--dtype",
 }
 

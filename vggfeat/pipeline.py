@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shlex
 import signal
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from vggfeat.architecture import POOLINGS, TOP_IMAGE_SIZE, vgg
 from vggfeat.engine import ENGINES, STALL_SECONDS, Job, LocalEngine
-from vggfeat.errors import VggfeatError
+from vggfeat.errors import OptionError, VggfeatError
 from vggfeat.images import (
     RESAMPLING,
     RESIZE_MODES,
@@ -152,7 +153,7 @@ def extract(
     ray_address: str | None = None,
     actors: int | None = None,
     gpus_per_actor: float | None = None,
-    stall_timeout: float = STALL_SECONDS,
+    stall_timeout: float | None = None,
     verbose: bool = False,
     commit_every: int = COMMIT_IMAGES,
     on_progress: Callable[[Progress], None] | None = None,
@@ -184,10 +185,10 @@ def extract(
         pool=pool, resize=resize, precision=precision, dtype=dtype, compression=compression
     )
     if batch_size < 1 or commit_every < 1 or (workers is not None and workers < 1):
-        raise VggfeatError("--batch-size, --commit-every and --workers must be at least 1")
+        raise OptionError("--batch-size, --commit-every and --workers must be at least 1")
     if isinstance(shard, str):
         shard = Shard.parse(shard)
-    _check_engine(engine, ray_address, actors, gpus_per_actor, stall_timeout)
+    _check_engine(engine, ray_address, actors, gpus_per_actor, stall_timeout, verbose)
     backend = backend or default_backend()
     require(backend)
     architecture.check_image_size([cut.layer for cut in cuts], image_size)
@@ -217,7 +218,7 @@ def extract(
             "preprocessing": PREPROCESSING,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": command or shlex.join(sys.argv),
-            **_versions(),
+            **_versions(backend),
         },
     )
     store = FeatureStore.open(output, layout, overwrite=overwrite, shard=shard)
@@ -328,10 +329,10 @@ def _compute_dtype(
     return compute_dtype(precision, kind, backend)
 
 
-def _check_engine(engine, address, actors, gpus_per_actor, stall_timeout) -> None:
+def _check_engine(engine, address, actors, gpus_per_actor, stall_timeout, verbose) -> None:
     """Refuse engine options that cannot work, before anything starts."""
     if engine not in ENGINES:
-        raise VggfeatError(f"--engine {engine} is not one of {', '.join(ENGINES)}")
+        raise OptionError(f"--engine {engine} is not one of {', '.join(ENGINES)}")
     if engine == "local":
         used = [
             name
@@ -339,28 +340,36 @@ def _check_engine(engine, address, actors, gpus_per_actor, stall_timeout) -> Non
                 ("--ray-address", address),
                 ("--actors", actors),
                 ("--gpus-per-actor", gpus_per_actor),
+                ("--stall-timeout", stall_timeout),
+                ("--verbose", verbose or None),
             )
             if value is not None
         ]
         if used:
-            raise VggfeatError(f"{', '.join(used)} work with --engine ray only")
+            raise OptionError(
+                f"{' and '.join(used)} {'works' if len(used) == 1 else 'work'} with "
+                "--engine ray only"
+            )
         return
-    from vggfeat.ray_engine import require_ray
+    from vggfeat.ray_engine import check_address, require_ray
 
     require_ray()
+    if address not in (None, "auto"):
+        check_address(address)
     if actors is not None and actors < 1:
-        raise VggfeatError("--actors must be at least 1")
-    if gpus_per_actor is not None and gpus_per_actor < 0:
-        raise VggfeatError("--gpus-per-actor must be 0 or more, fractions allowed (0.5)")
-    if stall_timeout <= 0:
-        raise VggfeatError("--stall-timeout must be more than 0 seconds")
+        raise OptionError("--actors must be at least 1")
+    if gpus_per_actor is not None and not 0 <= gpus_per_actor < math.inf:
+        raise OptionError("--gpus-per-actor must be 0 or more, fractions allowed (0.5)")
+    if stall_timeout is not None and not 0 < stall_timeout < math.inf:
+        raise OptionError("--stall-timeout must be a number of seconds more than 0")
 
 
 def _start_engine(engine, job, count, address, actors, gpus_per_actor, stall_timeout, verbose):
     if engine == "ray":
         from vggfeat.ray_engine import RayEngine
 
-        return RayEngine(job, address, actors, gpus_per_actor, stall_timeout, verbose)
+        stall = STALL_SECONDS if stall_timeout is None else stall_timeout
+        return RayEngine(job, address, actors, gpus_per_actor, stall, verbose)
     return LocalEngine(job, count)
 
 
@@ -541,15 +550,15 @@ def _check_choices(**chosen: str) -> None:
     }
     for option, value in chosen.items():
         if value not in allowed[option]:
-            raise VggfeatError(f"--{option} {value} is not one of {', '.join(allowed[option])}")
+            raise OptionError(f"--{option} {value} is not one of {', '.join(allowed[option])}")
 
 
-def _versions() -> dict[str, str]:
-    """The versions that computed a file, read from package metadata (nothing imported)."""
+def _versions(backend: str) -> dict[str, str]:
+    """The versions that compute a file, read from package metadata (nothing imported)."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for package in ("vggfeat", "tensorflow", "keras"):
+    for package in ("vggfeat", "keras", backend):
         try:
             found[f"{package}_version"] = version(package)
         except PackageNotFoundError:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -30,11 +31,13 @@ import numpy as np
 
 from vggfeat.architecture import vgg
 from vggfeat.engine import Computed, EngineStats, Job, Result
-from vggfeat.errors import VggfeatError
+from vggfeat.errors import OptionError, VggfeatError
 from vggfeat.images import Decoded, Failure, Source, pixel_limit
-from vggfeat.runtime import backend_version, muted_stderr, start
+from vggfeat.runtime import BACKEND_NAMES, backend_version, muted_stderr, start
 
 INSTALL = "pip install 'vggfeat[ray]'"
+#: Seconds to wait for a Ray cluster to answer when connecting.
+CONNECT_SECONDS = float(os.environ.get("VGGFEAT_RAY_CONNECT_SECONDS", "60"))
 #: Images per decoding task: enough to amortise a task, few enough to spread them.
 DECODE_BATCH = 16
 #: Ray's logical CPUs a decoding task and a network actor reserve. Half each, so that a
@@ -103,7 +106,9 @@ class RayEngine:
             self._node_ips = {node["NodeID"]: node.get("NodeManagerAddress", "?") for node in nodes}
             self.weights, self.weights_sha256 = self._prepare_weights()
             self.computed_by = {
-                "device": f"Ray, {self.actors} actors, {job.compute_dtype}, {job.backend}",
+                "device": f"a Ray cluster of {len(nodes)} node{'s' if len(nodes) != 1 else ''} "
+                f"(up to {self.actors} network{'s' if self.actors != 1 else ''}), "
+                f"{job.compute_dtype}, {BACKEND_NAMES[job.backend]} {backend_version(job.backend)}",
                 "backend_version": backend_version(job.backend),
             }
             self.stats = EngineStats(
@@ -179,7 +184,7 @@ class RayEngine:
                 "same command to continue"
             ) from None
         except ray.exceptions.RayError as error:
-            raise VggfeatError(f"the Ray job failed: {_first_line(error)}") from None
+            raise VggfeatError(_ray_failure(error)) from None
 
     def _actor_memory(self) -> int:
         """Bytes one network actor holds: its weights twice over, and room to compute."""
@@ -226,7 +231,10 @@ class RayEngine:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        sample = os.path.abspath(paths[0])
+        here = next((path for path in paths if os.path.exists(path)), None)
+        if here is None:
+            return  # no input exists even here: each is recorded as a failure
+        sample = os.path.abspath(here)
         sees = ray.remote(num_cpus=0)(_sees)
         checks = {
             ip: sees.options(
@@ -268,36 +276,77 @@ def _connect(address: str | None, verbose: bool) -> bool:
     if ray.is_initialized():
         return False  # the caller's own Ray session
     if not verbose:
-        # Ray's C++ side logs to stderr after start-up too; INFO and warnings stay out.
+        # Ray's C++ side logs to stderr after start-up too, and so does TensorFlow in the
+        # workers it starts: INFO and warnings stay out.
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     if address and address != "auto":
         _check_reachable(address)
+    where = f"at {address}" if address else "locally"
+    # ray.init sets SIGTERM and SIGINT handlers that exit at once; vggfeat's commit first.
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    # Something that listens at the address but is no Ray makes ray.init wait forever.
+    timer = _Watchdog(CONNECT_SECONDS)
     try:
-        with muted_stderr(enabled=not verbose):
+        with muted_stderr(enabled=not verbose), timer:
             ray.init(
-                address=address,
+                # Without an address, a new local instance, never a cluster already running here.
+                address=address or "local",
                 include_dashboard=False,
                 log_to_driver=verbose,
                 logging_level=logging.INFO if verbose else logging.ERROR,
                 configure_logging=True,
+                # TensorFlow's start-up notes in the workers would reach this terminal.
+                runtime_env={} if verbose else {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}},
             )
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        where = f"at {address}" if address else "locally"
+    except KeyboardInterrupt:
+        if not timer.stalled:
+            raise
+        with contextlib.suppress(Exception):
+            ray.shutdown()
         raise VggfeatError(
-            f"cannot connect to a Ray cluster {where}: {_first_line(error)}; start one with "
-            "'ray start --head', or leave out --ray-address for a local instance"
+            f"no Ray cluster answered {where} within {CONNECT_SECONDS:g} s; check --ray-address "
+            "(the head node's address, as 'ray start --head' printed it) or use auto"
         ) from None
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        reasons = _reasons(error)
+        hint = (
+            "the cluster requires token authentication: set RAY_AUTH_MODE=token (and its token) "
+            "here as on the cluster, or run on the head node with --ray-address auto"
+            if "auth" in reasons.lower()
+            else "start one with 'ray start --head', or leave out --ray-address for a local "
+            "instance"
+        )
+        raise VggfeatError(f"cannot connect to a Ray cluster {where}: {reasons}; {hint}") from None
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
     return True
+
+
+def _reasons(error: BaseException) -> str:
+    """The first line of an error and of each error that caused it, once each."""
+    lines: list[str] = []
+    while error is not None and len(lines) < 4:
+        line = _first_line(error)
+        if line not in lines:
+            lines.append(line)
+        error = error.__cause__ or error.__context__
+    return ": ".join(lines)
+
+
+def check_address(address: str) -> tuple[str, int]:
+    """The host and port of ``--ray-address``; ``OptionError`` unless auto, HOST:PORT or ray://."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise OptionError(f"--ray-address {address} is not auto, HOST:PORT or ray://HOST:PORT")
+    return host, int(port)
 
 
 def _check_reachable(address: str) -> None:
     """A clear error within seconds when nothing listens at ``address`` (Ray would retry long)."""
-    host_port = address.removeprefix("ray://")
-    host, _, port = host_port.rpartition(":")
-    if not host or not port.isdigit():
-        raise VggfeatError(f"--ray-address {address} is not auto, HOST:PORT or ray://HOST:PORT")
+    host, port = check_address(address)
     try:
-        socket.create_connection((host, int(port)), timeout=10).close()
+        socket.create_connection((host, port), timeout=10).close()
     except OSError as error:
         raise VggfeatError(
             f"no Ray cluster answers at {address} ({error.strerror or error}); start one with "
@@ -314,9 +363,21 @@ def _quiet_ray_data(verbose: bool) -> None:
     context.enable_progress_bars = verbose
     with contextlib.suppress(AttributeError):
         context.print_on_execution_start = verbose
-    level = logging.INFO if verbose else logging.ERROR
+    # Ray Data logs a failed task's whole traceback at ERROR; vggfeat says it in one line.
+    level = logging.INFO if verbose else logging.CRITICAL
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(level)
+
+
+def _ray_failure(error: BaseException) -> str:
+    """One line for a failed Ray job: vggfeat's own message where an actor raised one."""
+    text = str(error)
+    found = re.search(r"vggfeat\.[\w.]*Error: (.+)", text) or re.search(
+        r"(?:VggfeatError|MismatchError|UnavailableError)\w*: (.+)", text
+    )
+    if found:
+        return found[1].strip()
+    return f"the Ray job failed: {_first_line(error)}"
 
 
 def _first_line(error: BaseException) -> str:

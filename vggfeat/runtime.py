@@ -26,10 +26,14 @@ from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from vggfeat.errors import VggfeatError
+from vggfeat.errors import OptionError, VggfeatError
 
 BACKENDS = ("tensorflow", "jax")
-INSTALL = {"tensorflow": "pip install vggfeat", "jax": "pip install 'vggfeat[jax]'"}
+BACKEND_NAMES = {"tensorflow": "TensorFlow", "jax": "JAX"}
+INSTALL = {
+    "tensorflow": "pip install 'tensorflow>=2.21,<2.22'",
+    "jax": "pip install 'vggfeat[jax]'",
+}
 GPU_INSTALL = {
     "tensorflow": "pip install 'tensorflow[and-cuda]' (Linux; TensorFlow has no GPU build for "
     "Windows)",
@@ -57,9 +61,14 @@ class Device:
 
 
 def default_backend() -> str:
-    """``KERAS_BACKEND`` where set to one vggfeat runs on (as Keras does), else TensorFlow."""
+    """``KERAS_BACKEND`` where set (as Keras does), else TensorFlow."""
     chosen = os.environ.get("KERAS_BACKEND", "").strip().lower()
-    return chosen if chosen in BACKENDS else "tensorflow"
+    if chosen and chosen not in BACKENDS:
+        raise OptionError(
+            f"KERAS_BACKEND={os.environ['KERAS_BACKEND']} is not a backend vggfeat runs on "
+            f"({', '.join(BACKENDS)}); pass --backend, or unset KERAS_BACKEND"
+        )
+    return chosen or "tensorflow"
 
 
 def installed(backend: str) -> bool:
@@ -72,10 +81,12 @@ def installed(backend: str) -> bool:
 def require(backend: str) -> None:
     """Fail at once, naming the install command, when ``backend`` is unknown or missing."""
     if backend not in BACKENDS:
-        raise BackendError(f"--backend {backend} is not one of {', '.join(BACKENDS)}")
+        raise OptionError(f"--backend {backend} is not one of {', '.join(BACKENDS)}")
     if not installed(backend):
+        other = next(b for b in BACKENDS if b != backend)
         raise BackendError(
-            f"--backend {backend} needs {backend}, which is not installed: {INSTALL[backend]}"
+            f"the {backend} backend needs {backend}, which is not installed: "
+            f"{INSTALL[backend]}, or use --backend {other}"
         )
 
 
@@ -94,8 +105,13 @@ def start(backend: str):
         )
     os.environ["KERAS_BACKEND"] = backend
     library(backend)
-    with _quiet():
-        import keras
+    try:
+        with _quiet():
+            import keras
+    except ImportError as error:
+        raise BackendError(
+            f"keras cannot be imported ({error}); reinstall it: pip install -U keras"
+        ) from None
     return keras
 
 
@@ -111,15 +127,21 @@ def library(backend: str):
     require(backend)
     if backend == "jax":
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    with _quiet():
-        if backend == "tensorflow":
-            import tensorflow as module
+    try:
+        with _quiet():
+            if backend == "tensorflow":
+                import tensorflow as module
 
-            module.config.list_physical_devices()
-        else:
-            import jax as module
+                module.config.list_physical_devices()
+            else:
+                import jax as module
 
-            module.devices()
+                module.devices()
+    except ImportError as error:
+        raise BackendError(
+            f"{backend} is installed but cannot be imported ({error}); reinstall it: "
+            f"{INSTALL[backend]}"
+        ) from None
     return module
 
 
@@ -183,14 +205,14 @@ def choose_device(backend: str, wanted: str | None) -> Device:
     if choice == "gpu" or choice.startswith("gpu:"):
         index = int(choice[4:]) if choice[4:].isdigit() else 0 if choice == "gpu" else -1
         if index < 0:
-            raise BackendError(f"--device {wanted} is not cpu, gpu or gpu:N")
+            raise OptionError(f"--device {wanted} is not cpu, gpu or gpu:N")
         if index < len(gpus):
             return gpus[index]
         why = gpu_absence(backend) if not gpus else f"it sees {len(gpus)} GPUs"
         raise BackendError(
             f"--device {wanted}: {backend} sees no such GPU ({why}); use --device cpu"
         )
-    raise BackendError(f"--device {wanted} is not cpu, gpu or gpu:N")
+    raise OptionError(f"--device {wanted} is not cpu, gpu or gpu:N")
 
 
 def backend_facts(backend: str) -> dict:
@@ -198,7 +220,15 @@ def backend_facts(backend: str) -> dict:
     facts: dict = {"backend": backend, "install": INSTALL[backend]}
     if not installed(backend):
         return facts | {"installed": False, "version": "", "devices": [], "no_gpu_because": ""}
-    found = devices(backend)
+    try:
+        found = devices(backend)
+    except BackendError as error:
+        return facts | {
+            "installed": True,
+            "version": backend_version(backend),
+            "devices": [],
+            "no_gpu_because": str(error),
+        }
     return facts | {
         "installed": True,
         "version": backend_version(backend),

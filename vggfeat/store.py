@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from vggfeat.errors import VggfeatError
+from vggfeat.errors import OptionError
 from vggfeat.images import Failure, Source
 from vggfeat.output import (
     FORMAT_VERSION,
@@ -113,7 +113,7 @@ class Shard:
         """``"3/16"`` as a shard; raises ``VggfeatError`` for anything else."""
         found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
         if not found or not 1 <= int(found[1]) <= int(found[2]):
-            raise VggfeatError(
+            raise OptionError(
                 f"--shard {text} is not K/N with 1 <= K <= N; for example --shard 3/16"
             )
         return cls(int(found[1]), int(found[2]))
@@ -633,9 +633,14 @@ class _Assembler:
     def _fresh_layout(self) -> Layout:
         """The plan's layout, with what the shards learnt computing (versions, hashes)."""
         attributes = dict(self.layout.attributes)
+        rows_per_node: dict[str, int] = {}
         for record in sorted(self.store.parts.glob("shard-*.json")):
             learnt = json.loads(record.read_text()).get("attributes", {})
             attributes.update({k: v for k, v in learnt.items() if v not in ("", None)})
+            for node, rows in json.loads(learnt.get("rows_per_node", "{}")).items():
+                rows_per_node[node] = rows_per_node.get(node, 0) + rows  # every shard's
+        if rows_per_node:
+            attributes["rows_per_node"] = json.dumps(rows_per_node)
         attributes["parts_id"] = self.store.plan.id
         return Layout(
             self.layout.settings, self.layout.feature_sets, self.layout.compression, attributes
