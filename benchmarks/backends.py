@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import PROFILES, ROOT, extract_steady, make_folder, warm_memory
+from run import PROFILES, ROOT, extract_steady, make_folder, show_and_record, warm_memory
 
 BACKENDS = ("tensorflow", "jax")
 PRECISIONS = ("float32", "mixed")
@@ -87,10 +87,7 @@ def main() -> None:
         ),
         "",
     ]
-    print("\n".join(lines))
-    if not arguments.no_record:
-        with arguments.results.open("a") as results:
-            results.write("\n" + "\n".join(lines))
+    show_and_record(lines, None if arguments.no_record else arguments.results)
 
 
 if __name__ == "__main__":

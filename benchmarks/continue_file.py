@@ -29,6 +29,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from run import show_and_record  # noqa: E402
 
 from vggfeat.output import FeatureSet, Layout, Rows, Settings, create, writing  # noqa: E402
 
@@ -135,10 +138,7 @@ def main() -> None:
         f"| time to make the file through the store | {made:.1f} s |",
         "",
     ]
-    print("\n".join(lines))
-    if not arguments.no_record:
-        with arguments.results.open("a") as results:
-            results.write("\n" + "\n".join(lines))
+    show_and_record(lines, None if arguments.no_record else arguments.results)
 
 
 if __name__ == "__main__":

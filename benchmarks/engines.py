@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import PROFILES, ROOT, extract_steady, machine, make_folder, warm_memory
+from run import PROFILES, ROOT, extract_steady, machine, make_folder, show_and_record, warm_memory
 
 
 def main() -> None:
@@ -62,10 +62,7 @@ def main() -> None:
         f"Largest difference between the engines' features: {difference:.1e} of the largest value.",
         "",
     ]
-    print("\n".join(lines))
-    if not arguments.no_record:
-        with arguments.results.open("a") as results:
-            results.write("\n" + "\n".join(lines))
+    show_and_record(lines, None if arguments.no_record else arguments.results)
 
 
 if __name__ == "__main__":

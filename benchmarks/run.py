@@ -166,6 +166,14 @@ def run_suite(profile: Profile, work: Path) -> tuple[list[Row], dict[str, str]]:
     return rows, facts
 
 
+def show_and_record(lines: list[str], results: Path | None) -> None:
+    """Print a table of results, and append it to ``results`` unless that is None."""
+    print("\n".join(lines))
+    if results is not None:
+        with results.open("a") as file:
+            file.write("\n" + "\n".join(lines))
+
+
 def warm_memory(megabytes: int) -> None:
     """Touch (and free) memory before anything is timed.
 
