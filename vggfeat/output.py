@@ -242,8 +242,8 @@ class OutputWriter:
             p for p in keys_failed if p in self.row_of
         }
 
-    def add(self, rows: Rows) -> tuple[int, int]:
-        """Write ``rows``; (rows appended, rows replaced). Not counted until ``commit``."""
+    def add(self, rows: Rows) -> None:
+        """Write ``rows``, replacing known paths in place; not counted until ``commit``."""
         if encoded_length(rows.keys) > self.width:
             raise OutputError("internal: a path is wider than /paths; rebuild the file")
         if self.moves(rows.paths, rows.failed_paths):
@@ -251,8 +251,7 @@ class OutputWriter:
         file = self.file
         row_columns = [file["paths"], file["source/size"], file["source/mtime_ns"], *self.features]
         row_values = [_encoded(rows.paths), rows.size, rows.mtime_ns, *rows.features]
-        appended = _place(row_columns, row_values, rows.paths, self.row_of, self.rows)
-        self.rows += appended
+        self.rows += _place(row_columns, row_values, rows.paths, self.row_of, self.rows)
         failed_columns = [file[f"failed/{n}"] for n in ("paths", "reasons", "size", "mtime_ns")]
         failed_values = [
             _encoded(rows.failed_paths),
@@ -263,7 +262,6 @@ class OutputWriter:
         self.failures += _place(
             failed_columns, failed_values, rows.failed_paths, self.failure_of, self.failures
         )
-        return appended, len(rows.paths) - appended
 
     def commit(self) -> None:
         """Make everything added count: data first, then the counts readers trust."""
@@ -416,24 +414,21 @@ def stamps(file, group: str, count: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full(count, -1, np.int64), np.full(count, -1, np.int64)
 
 
-def blocks(file, names: Sequence[str], rows: int, row_bytes: int) -> Iterator[tuple[int, Rows]]:
-    """A file's rows in blocks of at most ``COPY_BYTES``: (start, rows without failures)."""
+def blocks(file, names: Sequence[str], rows: int, row_bytes: int) -> Iterator[Rows]:
+    """A file's rows, without failures, in blocks of at most ``COPY_BYTES``."""
     step = max(1, COPY_BYTES // max(1, row_bytes))
     sizes, times = stamps(file, "source", rows)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        yield (
-            start,
-            Rows(
-                paths=decode_strings(file["paths"][start:stop]),
-                size=sizes[start:stop],
-                mtime_ns=times[start:stop],
-                features=tuple(file[f"features/{name}"][start:stop] for name in names),
-                failed_paths=[],
-                failed_reasons=[],
-                failed_size=np.zeros(0, np.int64),
-                failed_mtime_ns=np.zeros(0, np.int64),
-            ),
+        yield Rows(
+            paths=decode_strings(file["paths"][start:stop]),
+            size=sizes[start:stop],
+            mtime_ns=times[start:stop],
+            features=tuple(file[f"features/{name}"][start:stop] for name in names),
+            failed_paths=[],
+            failed_reasons=[],
+            failed_size=np.zeros(0, np.int64),
+            failed_mtime_ns=np.zeros(0, np.int64),
         )
 
 

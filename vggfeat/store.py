@@ -548,13 +548,13 @@ class _Assembler:
                 _copy_attributes(temporary, {**attributes, "parts_id": self.store.plan.id})
             with writing(temporary) as writer:
                 if source is not None:
-                    _kept, dropped = self._copy(source, writer, drop)
-                appended = replaced = 0
+                    dropped = self._copy(source, writer, drop)
+                kept, replaced = writer.rows, self._replaced(writer.row_of)
                 for number, part in enumerate(self.parts):
-                    added, again = writer.add(self._latest(number, part))
-                    appended, replaced = appended + added, replaced + again
+                    writer.add(self._latest(number, part))
                 writer.commit()
                 rows, failures = writer.rows, writer.failures
+            appended = rows - kept
             _fsync(temporary)
             os.replace(temporary, path)
             _fsync_folder(path.parent)
@@ -567,13 +567,13 @@ class _Assembler:
             raise
         return Assembly(appended, replaced, dropped, rows, failures)
 
-    def _copy(self, source: Path, writer, drop: set[str]) -> tuple[int, int]:
-        """Copy ``source``'s rows and failures minus ``drop``; (kept, dropped) rows."""
+    def _copy(self, source: Path, writer, drop: set[str]) -> int:
+        """Copy ``source``'s rows and failures minus ``drop``; how many rows were dropped."""
         names = [fs.name for fs in self.layout.feature_sets]
-        kept = dropped = 0
+        dropped = 0
         with open_hdf5(source) as file:
             rows, failures = committed(file)
-            for _, block in blocks(file, names, rows, self.layout.row_bytes):
+            for block in blocks(file, names, rows, self.layout.row_bytes):
                 keep = np.array([key not in drop for key in block.paths], bool)
                 writer.add(
                     Rows(
@@ -587,7 +587,6 @@ class _Assembler:
                         failed_mtime_ns=np.zeros(0, np.int64),
                     )
                 )
-                kept += int(keep.sum())
                 dropped += int((~keep).sum())
             paths = read_strings(file["failed/paths"], failures)
             reasons = read_strings(file["failed/reasons"], failures)
@@ -608,7 +607,7 @@ class _Assembler:
                     failed_mtime_ns=times[keep],
                 )
             )
-        return kept, dropped
+        return dropped
 
     def _latest(self, number: int, part: Path) -> Rows:
         """A part's rows and failures, less those a later part moved to the other kind.
