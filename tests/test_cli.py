@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from importlib.metadata import version
@@ -137,3 +138,18 @@ def test_help_and_argument_errors_do_not_import_tensorflow(tmp_path):
     assert "fc7 needs 224x224 input" in errors[2]
     assert errors[3].startswith(f"Error: cannot write output {tmp_path}/file/out.h5")
     assert "no images found in the inputs" in errors[4]
+
+
+def test_a_closed_pipe_ends_quietly_with_exit_0():
+    for command in ("info --depth 19", "info --json", "devices"):
+        result = subprocess.run(
+            f"set -o pipefail; {sys.executable} -m vggfeat {command} | head -c 20",
+            shell=True,
+            capture_output=True,
+            text=True,
+            executable="/bin/bash",
+            # As a user runs it: conftest's TF_CPP_MIN_LOG_LEVEL would count as the user's choice.
+            env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
+        )
+        assert result.returncode == 0, (command, result.stderr)
+        assert result.stderr == ""

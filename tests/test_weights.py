@@ -138,6 +138,14 @@ def test_imagenet_offline_without_cache_says_what_to_do(keras_home):
     assert "--weights PATH" in message and "--weights random" in message
 
 
+def test_a_download_is_reported_on_stderr_never_stdout(keras_home, capsys):
+    with pytest.raises(WeightsUnavailableError):
+        _cut(16, "pool5", 32, "imagenet")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "Downloading data from" in captured.err
+
+
 def test_imagenet_top_file_is_asked_for_classifier_cuts(keras_home):
     with pytest.raises(WeightsUnavailableError, match=r"kernels\.h5 \(about 528 MB"):
         _cut(16, "fc7", 224, "imagenet")

@@ -8,6 +8,7 @@ TensorFlow is not imported on the way to ``--help`` or an argument error.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -57,6 +58,11 @@ class _Commands(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            # The reader went away (| head): nothing is wrong. Python would complain on exit
+            # flushing the pipe again, so stdout goes to /dev/null first.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(ExitCode.OK)
         except OptionError as error:
             raise _BadOption(str(error)) from error
         except VggfeatError as error:
@@ -171,6 +177,8 @@ def _print_info(architecture: Architecture, catalogue: Catalogue) -> None:
     from rich.table import Table
 
     console = Console(soft_wrap=True)
+    # rich would exit 1 on a closed pipe; the command's own handler makes it a quiet 0.
+    console.on_broken_pipe = _raise_broken_pipe
     size = catalogue.image_size
     table = Table(
         title=f"{architecture.name} at {size}x{size}",
@@ -219,6 +227,10 @@ def _print_info(architecture: Architecture, catalogue: Catalogue) -> None:
             else "missing, downloaded on first use"
         )
         console.print(f"ImageNet weights for {entry['serves']}: {entry['path']} ({state})")
+
+
+def _raise_broken_pipe() -> None:
+    raise BrokenPipeError
 
 
 def _giga(count: int) -> str:

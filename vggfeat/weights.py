@@ -12,9 +12,11 @@ arrays, in order, with the right shapes, or loading fails naming the layer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -195,21 +197,24 @@ def fetch_imagenet(published: PublishedFile) -> Path:
 
     cache = keras_cache_dir()
     try:
-        return Path(
-            keras.utils.get_file(
-                published.fname,
-                origin=published.url,
-                file_hash=published.md5,
-                cache_subdir="models",
-                cache_dir=str(cache),
+        # get_file reports its download on stdout, which carries only what a command prints.
+        with contextlib.redirect_stdout(sys.stderr):
+            path = Path(
+                keras.utils.get_file(
+                    published.fname,
+                    origin=published.url,
+                    file_hash=published.md5,
+                    cache_subdir="models",
+                    cache_dir=str(cache),
+                )
             )
-        )
     except Exception as error:
         raise WeightsUnavailableError(
             f"ImageNet weights {published.fname} (about {published.approx_mb} MB) are not in "
             f"{cache / 'models'} and could not be downloaded ({error}); copy the file there "
             "from a machine with network access, or use --weights PATH or --weights random"
         ) from error
+    return path
 
 
 def read_weights_file(path: Path) -> list[StoredLayer]:
