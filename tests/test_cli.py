@@ -153,3 +153,50 @@ def test_a_closed_pipe_ends_quietly_with_exit_0():
         )
         assert result.returncode == 0, (command, result.stderr)
         assert result.stderr == ""
+
+
+def test_show_describes_a_file_as_h5py_reads_it(tmp_path):
+    import h5py
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(3):
+        Image.new("RGB", (40, 40), (index * 60, 9, 9)).save(photos / f"{index}.png")
+    (photos / "bad.jpg").write_text("no")
+    (photos / "worse.jpg").write_text("")
+    output = tmp_path / "f.h5"
+    args = ["--layer", "pool1", "--layer", "conv1_1", "--pool", "avg", "--image-size", "32"]
+    assert invoke("extract", str(photos), "-o", str(output), *args, "--weights", "random",
+                  "--quiet").exit_code == 0  # fmt: skip
+    facts = json.loads(invoke("show", str(output), "--json").output)
+    with h5py.File(output) as file:
+        rows, failures = file["committed"][()]
+        assert (facts["rows"], facts["failures"], facts["pending"]) == (rows, failures, 0)
+        for layer in facts["layers"]:
+            dataset = file[f"features/{layer['name']}"]
+            assert layer["shape"] == list(dataset.shape[1:])
+            assert (layer["dtype"], layer["pooling"]) == (str(dataset.dtype), "avg")
+            assert layer["bytes_on_disk"] == dataset.id.get_storage_size() > 0
+        failed = dict(
+            zip(file["failed/paths"].asstr()[()], file["failed/reasons"].asstr()[()], strict=True)
+        )
+    assert [layer["name"] for layer in facts["layers"]] == ["pool1", "conv1_1"]
+    assert facts["failed"] == {
+        "empty file": 1,
+        next(r for r in failed.values() if r != "empty file"): 1,
+    }
+    assert facts["attributes"]["weights"] == "random"
+    listed = invoke("show", str(output), "--failed").output.splitlines()
+    assert dict(line.split("\t") for line in listed) == failed
+    plain = invoke("show", str(output)).output
+    assert plain.startswith(f"{output}: 3 rows, 2 failed") and "pool1: 64 float32" in plain
+
+
+def test_show_refuses_other_files_in_one_line(tmp_path):
+    (tmp_path / "notes.h5").write_text("notes")
+    result = invoke("show", str(tmp_path / "notes.h5"))
+    assert result.exit_code == 1
+    assert (
+        result.output.strip() == f"Error: {tmp_path / 'notes.h5'} is not a vggfeat file (not HDF5)"
+    )

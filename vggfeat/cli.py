@@ -108,6 +108,7 @@ def cli() -> None:
       vggfeat info --depth 19
       vggfeat devices
       vggfeat extract photos/ --layer fc7 -o features.h5
+      vggfeat show features.h5
     """
 
 
@@ -235,6 +236,51 @@ def _raise_broken_pipe() -> None:
 
 def _giga(count: int) -> str:
     return f"{count / 1e9:.2f} G" if count >= 1e7 else f"{count / 1e6:.2f} M" if count else "0"
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--failed", "list_failed", is_flag=True, help="List every failure: path, tab, reason."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as one JSON object.")
+def show(file: str, list_failed: bool, as_json: bool) -> None:
+    """Describe a features file: rows, layers, settings, provenance and failures.
+
+    Reads only what it shows, so it answers at once for files of any size,
+    and also for a run that has not finished (its committed rows).
+
+    \b
+    Examples:
+      vggfeat show features.h5
+      vggfeat show features.h5 --failed | cut -f2 | sort | uniq -c
+      vggfeat show features.h5 --json | jq .layers
+    """
+    from vggfeat.store import describe_file
+
+    facts = describe_file(file)
+    if list_failed:
+        for path, reason in facts["failed"].items():
+            click.echo(f"{path}\t{reason}")
+        return
+    facts["failed"] = facts.pop("failures_by_reason")
+    if as_json:
+        click.echo(json.dumps(facts, indent=2, default=str))
+        return
+    click.echo(
+        f"{facts['path']}: {facts['rows']:,} rows, {facts['failures']:,} failed"
+        + (f", {facts['pending']:,} committed by an unfinished run" if facts["pending"] else "")
+    )
+    for layer in facts["layers"]:
+        click.echo(
+            f"  {layer['name']}: {'x'.join(map(str, layer['shape']))} {layer['dtype']}, "
+            f"Keras layer {layer['keras_layer']}, pooling {layer['pooling']}, "
+            f"{layer['bytes_on_disk'] / 1e6:,.1f} MB on disk"
+        )
+    for key, value in facts["attributes"].items():
+        click.echo(f"  {key}: {value}")
+    for reason, count in facts["failed"].items():
+        click.echo(f"  failed {count:,}: {reason}")
 
 
 @cli.command(context_settings=CONTEXT)

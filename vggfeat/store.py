@@ -658,6 +658,10 @@ def _copy_attributes(path: Path, attributes: dict[str, Any]) -> None:
 # Opening, step by step ----------------------------------------------------------------
 
 
+#: What to do about an output that cannot be continued, after the reason.
+OUTPUT_ADVICE = "; choose another -o, or --overwrite to replace it"
+
+
 def output_path(path: str | os.PathLike) -> Path:
     """The output file, its own symlink resolved: one file has one parts folder and one lock."""
     path = Path(path)
@@ -726,16 +730,13 @@ def _check_writable(path: Path) -> None:
         raise OutputError(f"cannot write output {path}: no permission to write in {parent}")
 
 
-def read_attributes(path: Path) -> dict[str, Any]:
+def read_attributes(path: Path, advice: str = OUTPUT_ADVICE) -> dict[str, Any]:
     """A vggfeat file's root attributes; ``OutputError`` if it is not one or cannot be read."""
     import h5py
 
     try:
         if not h5py.is_hdf5(path):
-            raise OutputError(
-                f"{path} is not a vggfeat file (not HDF5); choose another -o, "
-                "or --overwrite to replace it"
-            )
+            raise OutputError(f"{path} is not a vggfeat file (not HDF5){advice}")
         with open_hdf5(path) as file:
             attributes = {
                 key: value.decode() if isinstance(value, bytes) else value
@@ -743,13 +744,10 @@ def read_attributes(path: Path) -> dict[str, Any]:
             }
     except (OSError, KeyError, RuntimeError, ValueError) as error:
         raise OutputError(
-            f"{path} is damaged and cannot be read ({_first_line(error)}); "
-            "--overwrite replaces it, -o writes elsewhere"
+            f"{path} is damaged and cannot be read ({_first_line(error)}){advice}"
         ) from None
     if attributes.get("format") != "vggfeat" or "settings" not in attributes:
-        raise OutputError(
-            f"{path} is not a vggfeat file; choose another -o, or --overwrite to replace it"
-        )
+        raise OutputError(f"{path} is not a vggfeat file{advice}")
     version = int(attributes.get("format_version", 0))
     if version > FORMAT_VERSION:
         raise OutputError(
@@ -1027,7 +1025,7 @@ class FeatureFile:
         self._file = None
         plan = _read_plan(parts_folder(path), path)
         if path.exists():
-            self.attributes = read_attributes(path)
+            self.attributes = read_attributes(path, advice="")
             try:
                 self._file = open_hdf5(path)
                 self.rows, self._failures = committed(self._file)
@@ -1130,6 +1128,51 @@ class _PartColumn:
     def __call__(self, rows: slice) -> np.ndarray:
         with np.load(self.part) as data:
             return data[self.name][self.new[rows]]
+
+
+#: The attributes ``vggfeat show`` lists, in this order: the settings, then provenance.
+SHOWN_ATTRIBUTES = (
+    "depth", "layers", "pooling", "weights", "weights_file", "weights_sha256", "seed",
+    "image_size", "resize", "resampling", "precision", "compute_dtype", "dtype", "backend",
+    "backend_version", "device", "engine", "vggfeat_version", "keras_version", "created",
+    "command", "format_version",
+)  # fmt: skip
+
+
+def describe_file(path: str | os.PathLike) -> dict[str, Any]:
+    """What ``vggfeat show`` shows: counts, each layer, settings and provenance, failures.
+
+    Raises ``OutputError`` (one line) for a file that is not vggfeat's or is damaged.
+    """
+    with open_features(path) as file:
+        layers = []
+        for name, column in file.features.items():
+            dataset = file._file[f"features/{name}"] if file._file is not None else None
+            layers.append(
+                {
+                    "name": name,
+                    "shape": list(column.shape[1:]),
+                    "dtype": str(dataset.dtype) if dataset is not None else "",
+                    "keras_layer": dataset.attrs.get("keras_layer", "") if dataset else "",
+                    "pooling": dataset.attrs.get("pooling", "") if dataset else "",
+                    "bytes_on_disk": dataset.id.get_storage_size() if dataset else 0,
+                }
+            )
+        failed = file.failed
+        by_reason: dict[str, int] = {}
+        for reason in failed.values():
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+        shown = {key: file.attributes[key] for key in SHOWN_ATTRIBUTES if key in file.attributes}
+        return {
+            "path": str(path),
+            "rows": file.rows,
+            "pending": file.pending,
+            "failures": len(failed),
+            "layers": layers,
+            "attributes": {k: v.tolist() if hasattr(v, "tolist") else v for k, v in shown.items()},
+            "failures_by_reason": dict(sorted(by_reason.items(), key=lambda kv: -kv[1])),
+            "failed": failed,
+        }
 
 
 def open_features(path: str | os.PathLike) -> FeatureFile:
