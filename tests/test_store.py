@@ -529,6 +529,7 @@ def test_shards_one_after_another_equal_a_single_run(tmp_path):
     extract([tmp_path / "photos"], output, **OPTIONS, shard="3/3")
     last = extract([tmp_path / "photos"], output, **OPTIONS, shard="1/3")
     assert last.assembled and last.rows == 7
+    assert json.loads(vggfeat.load(output).attributes["rows_per_node"]) == {"local": 7}
     got, expected = vggfeat.load(output), vggfeat.load(single)
     assert got.paths == expected.paths and got.failed == expected.failed
     np.testing.assert_allclose(got.features["pool1"], expected.features["pool1"], rtol=1e-5)

@@ -262,11 +262,18 @@ def extract(
             for index, todo in work:
                 store.begin(index)
                 if todo:
+                    before = dict(running.stats.rows_per_node)
                     drive.run(running, todo)
+                    # This shard's rows only: the output sums every shard's record.
+                    rows = {
+                        node: count - before.get(node, 0)
+                        for node, count in running.stats.rows_per_node.items()
+                        if count > before.get(node, 0)
+                    }
                     learnt |= {
                         "engine": running.name,
                         "cluster": json.dumps(running.stats.description),
-                        "rows_per_node": json.dumps(running.stats.rows_per_node),
+                        "rows_per_node": json.dumps(rows),
                     }
                 store.finish_shard(index, learnt)
             written = time.perf_counter()
