@@ -52,6 +52,19 @@ def interrupt_after(count: int):
     return stop
 
 
+def stop_after(count: int, photos, output, every: int = 2, **options) -> None:
+    """An extract that commits every ``every`` images, stopped as by Ctrl-C after ``count``."""
+    with pytest.raises(Interrupted):
+        extract(
+            [photos],
+            output,
+            **{**OPTIONS, **options},
+            commit_every=every,
+            batch_size=every,
+            on_progress=interrupt_after(count),
+        )
+
+
 def listing(folder) -> dict[str, float]:
     """Every file under ``folder`` with its modification time."""
     return {
@@ -85,17 +98,15 @@ def test_an_unfinished_run_of_other_settings_is_named_not_silently_blocking(tmp_
     make_images(tmp_path / "photos", 6)
     output = tmp_path / "a.h5"
     extract([tmp_path / "photos"], output, **OPTIONS)
-    with pytest.raises(Interrupted):
-        extract(
-            [tmp_path / "photos"],
-            output,
-            **{**OPTIONS, "pool": "max"},
-            overwrite=True,
-            commit_every=1,
-            batch_size=1,
-            on_progress=interrupt_after(2),
-            command="vggfeat extract photos -o a.h5 --pool max --overwrite",
-        )
+    stop_after(
+        2,
+        tmp_path / "photos",
+        output,
+        every=1,
+        pool="max",
+        overwrite=True,
+        command="vggfeat extract photos -o a.h5 --pool max --overwrite",
+    )
     kept = parts(output)
     assert kept
     before = listing(tmp_path)
@@ -116,16 +127,7 @@ def test_an_interrupted_overwrite_repeated_without_it_keeps_its_work(tmp_path):
     make_images(tmp_path / "photos", 6)
     output = tmp_path / "a.h5"
     extract([tmp_path / "photos"], output, **OPTIONS)
-    with pytest.raises(Interrupted):
-        extract(
-            [tmp_path / "photos"],
-            output,
-            **OPTIONS,
-            overwrite=True,
-            commit_every=1,
-            batch_size=1,
-            on_progress=interrupt_after(3),
-        )
+    stop_after(3, tmp_path / "photos", output, every=1, overwrite=True)
     kept = parts(output)
     with pytest.raises(VggfeatError, match="unfinished --overwrite run"):
         extract([tmp_path / "photos"], output, **OPTIONS)
@@ -276,15 +278,7 @@ def test_file_names_that_are_not_utf8_are_done_once_and_not_pruned(tmp_path):
 def test_update_of_an_image_already_in_a_part_gives_one_row(tmp_path):
     paths = make_images(tmp_path / "photos", 6)
     output = tmp_path / "f.h5"
-    with pytest.raises(Interrupted):
-        extract(
-            [tmp_path / "photos"],
-            output,
-            **OPTIONS,
-            commit_every=2,
-            batch_size=2,
-            on_progress=interrupt_after(4),
-        )
+    stop_after(4, tmp_path / "photos", output)
     assert parts(output)
     Image.new("RGB", (32, 32), (250, 0, 0)).save(paths[0])
     os.utime(paths[0], ns=(1, 10**18))
@@ -456,15 +450,7 @@ def test_continuing_appends_in_place(tmp_path):
 def test_open_reads_slices_and_the_rows_of_an_unfinished_run(tmp_path):
     make_images(tmp_path / "photos", 6)
     output = tmp_path / "f.h5"
-    with pytest.raises(Interrupted):
-        extract(
-            [tmp_path / "photos"],
-            output,
-            **OPTIONS,
-            commit_every=2,
-            batch_size=2,
-            on_progress=interrupt_after(4),
-        )
+    stop_after(4, tmp_path / "photos", output)
     with vggfeat.open(output) as file:
         assert (file.rows, file.pending) == (0, 4)
         assert file.paths[:] == [f"photos/img{i:03d}.png" for i in range(4)]
@@ -487,27 +473,8 @@ def test_open_shows_each_image_once_while_an_update_or_overwrite_is_unfinished(t
     before = vggfeat.load(output)
     for path in paths:
         os.utime(path, ns=(1, 10**18))
-    with pytest.raises(Interrupted):
-        extract(
-            [tmp_path / "photos"],
-            output,
-            **OPTIONS,
-            update=True,
-            commit_every=2,
-            batch_size=2,
-            on_progress=interrupt_after(4),
-        )
-    make_images(tmp_path / "more", 2, seed=5)
-    with pytest.raises(Interrupted):
-        extract(
-            [tmp_path / "photos"],
-            output,
-            **{**OPTIONS, "pool": "max"},
-            overwrite=True,
-            commit_every=1,
-            batch_size=1,
-            on_progress=interrupt_after(2),
-        )
+    stop_after(4, tmp_path / "photos", output, update=True)
+    stop_after(2, tmp_path / "photos", output, every=1, pool="max", overwrite=True)
     with vggfeat.open(output) as file:  # the --overwrite run's rows belong to another file
         assert (file.paths[:], file.pending) == (before.paths, 0)
         np.testing.assert_array_equal(file.features["pool1"][:], before.features["pool1"])
