@@ -154,6 +154,19 @@ class Rows:
     def keys(self) -> list[str]:
         return [*self.paths, *self.failed_paths]
 
+    def select(self, rows: np.ndarray, failed: np.ndarray) -> Rows:
+        """Only the rows and failures the boolean masks ``rows`` and ``failed`` keep."""
+        return Rows(
+            paths=[p for p, kept in zip(self.paths, rows, strict=True) if kept],
+            size=self.size[rows],
+            mtime_ns=self.mtime_ns[rows],
+            features=tuple(values[rows] for values in self.features),
+            failed_paths=[p for p, kept in zip(self.failed_paths, failed, strict=True) if kept],
+            failed_reasons=[r for r, kept in zip(self.failed_reasons, failed, strict=True) if kept],
+            failed_size=self.failed_size[failed],
+            failed_mtime_ns=self.failed_mtime_ns[failed],
+        )
+
 
 def path_width(longest: int) -> int:
     """The width /paths needs for a path of ``longest`` UTF-8 bytes."""

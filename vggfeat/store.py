@@ -487,13 +487,14 @@ class _Assembler:
         self.prune = prune
         self.layout = store.plan.layout
         self.parts = store._part_files()
-        # A path in several parts (re-read by --update) counts where it was committed last.
-        self.last: dict[str, tuple[int, bool]] = {}
-        for number, part in enumerate(self.parts):
+        # A path in several parts (re-read by --update) is a row or a failure as it was
+        # committed last: True for a row.
+        self.is_row: dict[str, bool] = {}
+        for part in self.parts:
             rows = _read_part(part)
-            self.last.update((key, (number, True)) for key in rows.paths)
-            self.last.update((key, (number, False)) for key in rows.failed_paths)
-        self.width = path_width(encoded_length(list(self.last)))
+            self.is_row.update((key, True) for key in rows.paths)
+            self.is_row.update((key, False) for key in rows.failed_paths)
+        self.width = path_width(encoded_length(list(self.is_row)))
 
     def run(self) -> Assembly:
         path = self.store.path
@@ -506,8 +507,8 @@ class _Assembler:
                 return Assembly(0, 0, 0, *committed(file))
         with writing(path) as writer:
             moves = writer.moves(
-                [k for k, (_, row) in self.last.items() if row],
-                [k for k, (_, row) in self.last.items() if not row],
+                [key for key, row in self.is_row.items() if row],
+                [key for key, row in self.is_row.items() if not row],
             )
             if moves or self.prune or writer.width < self.width:
                 self.width = max(self.width, writer.width)
@@ -518,16 +519,16 @@ class _Assembler:
 
     def _append(self, writer) -> Assembly:
         rows, replaced = writer.rows, self._replaced(writer.row_of)
-        for number, part in enumerate(self.parts):
+        for part in self.parts:
             with _signals_deferred():
-                writer.add(self._latest(number, part))
+                writer.add(self._latest(part))
                 writer.commit()
                 part.unlink()
         return Assembly(writer.rows - rows, replaced, 0, writer.rows, writer.failures)
 
     def _replaced(self, stored: dict[str, int]) -> int:
         """How many rows of the file the parts replace."""
-        return sum(1 for key, (_, row) in self.last.items() if row and key in stored)
+        return sum(1 for key, row in self.is_row.items() if row and key in stored)
 
     def _build(self, source: Path | None, drop: set[str] = frozenset()) -> Assembly:
         """A new output from ``source``'s rows minus ``drop``, then the parts; renamed in."""
@@ -550,8 +551,8 @@ class _Assembler:
                 if source is not None:
                     dropped = self._copy(source, writer, drop)
                 kept, replaced = writer.rows, self._replaced(writer.row_of)
-                for number, part in enumerate(self.parts):
-                    writer.add(self._latest(number, part))
+                for part in self.parts:
+                    writer.add(self._latest(part))
                 writer.commit()
                 rows, failures = writer.rows, writer.failures
             appended = rows - kept
@@ -570,63 +571,43 @@ class _Assembler:
     def _copy(self, source: Path, writer, drop: set[str]) -> int:
         """Copy ``source``'s rows and failures minus ``drop``; how many rows were dropped."""
         names = [fs.name for fs in self.layout.feature_sets]
+        none = np.zeros(0, bool)
         dropped = 0
         with open_hdf5(source) as file:
             rows, failures = committed(file)
             for block in blocks(file, names, rows, self.layout.row_bytes):
                 keep = np.array([key not in drop for key in block.paths], bool)
-                writer.add(
-                    Rows(
-                        paths=[k for k, wanted in zip(block.paths, keep, strict=True) if wanted],
-                        size=block.size[keep],
-                        mtime_ns=block.mtime_ns[keep],
-                        features=tuple(f[keep] for f in block.features),
-                        failed_paths=[],
-                        failed_reasons=[],
-                        failed_size=np.zeros(0, np.int64),
-                        failed_mtime_ns=np.zeros(0, np.int64),
-                    )
-                )
+                writer.add(block.select(keep, none))
                 dropped += int((~keep).sum())
-            paths = read_strings(file["failed/paths"], failures)
-            reasons = read_strings(file["failed/reasons"], failures)
             sizes, times = stamps(file, "failed", failures)
-            keep = np.array([key not in drop for key in paths], bool)
+            failed = Rows(
+                paths=[],
+                size=np.zeros(0, np.int64),
+                mtime_ns=np.zeros(0, np.int64),
+                features=tuple(
+                    np.zeros((0, *fs.shape), self.layout.settings.dtype)
+                    for fs in self.layout.feature_sets
+                ),
+                failed_paths=read_strings(file["failed/paths"], failures),
+                failed_reasons=read_strings(file["failed/reasons"], failures),
+                failed_size=sizes,
+                failed_mtime_ns=times,
+            )
             writer.add(
-                Rows(
-                    paths=[],
-                    size=np.zeros(0, np.int64),
-                    mtime_ns=np.zeros(0, np.int64),
-                    features=tuple(
-                        np.zeros((0, *fs.shape), self.layout.settings.dtype)
-                        for fs in self.layout.feature_sets
-                    ),
-                    failed_paths=[p for p, wanted in zip(paths, keep, strict=True) if wanted],
-                    failed_reasons=[r for r, wanted in zip(reasons, keep, strict=True) if wanted],
-                    failed_size=sizes[keep],
-                    failed_mtime_ns=times[keep],
-                )
+                failed.select(none, np.array([k not in drop for k in failed.failed_paths], bool))
             )
         return dropped
 
-    def _latest(self, number: int, part: Path) -> Rows:
+    def _latest(self, part: Path) -> Rows:
         """A part's rows and failures, less those a later part moved to the other kind.
 
         A row that a later part commits again stays: it keeps its place in the
         order, and the later part replaces it there.
         """
         rows = _read_part(part, len(self.layout.feature_sets))
-        mine = np.array([self.last[key][1] for key in rows.paths], bool)
-        failed = np.array([not self.last[key][1] for key in rows.failed_paths], bool)
-        return Rows(
-            paths=[k for k, m in zip(rows.paths, mine, strict=True) if m],
-            size=rows.size[mine] if len(mine) else rows.size,
-            mtime_ns=rows.mtime_ns[mine] if len(mine) else rows.mtime_ns,
-            features=tuple(f[mine] if len(mine) else f for f in rows.features),
-            failed_paths=[k for k, m in zip(rows.failed_paths, failed, strict=True) if m],
-            failed_reasons=[r for r, m in zip(rows.failed_reasons, failed, strict=True) if m],
-            failed_size=rows.failed_size[failed] if len(failed) else rows.failed_size,
-            failed_mtime_ns=rows.failed_mtime_ns[failed] if len(failed) else rows.failed_mtime_ns,
+        return rows.select(
+            np.array([self.is_row[key] for key in rows.paths], bool),
+            np.array([not self.is_row[key] for key in rows.failed_paths], bool),
         )
 
     def _fresh_layout(self) -> Layout:
