@@ -20,6 +20,7 @@ import click
 from vggfeat.architecture import DEPTHS, POOLINGS, TOP_IMAGE_SIZE, Architecture, Catalogue, vgg
 from vggfeat.engine import ENGINES, STALL_SECONDS
 from vggfeat.errors import OptionError, VggfeatError
+from vggfeat.export import FORMATS, NORMALIZATIONS
 from vggfeat.images import RESIZE_MODES
 from vggfeat.network import PRECISIONS
 from vggfeat.runtime import BACKENDS
@@ -109,6 +110,7 @@ def cli() -> None:
       vggfeat devices
       vggfeat extract photos/ --layer fc7 -o features.h5
       vggfeat show features.h5
+      vggfeat export features.h5 --format npy | python my_clustering.py
     """
 
 
@@ -281,6 +283,99 @@ def show(file: str, list_failed: bool, as_json: bool) -> None:
         click.echo(f"  {key}: {value}")
     for reason, count in facts["failed"].items():
         click.echo(f"  failed {count:,}: {reason}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--format",
+    "format_",
+    type=click.Choice(FORMATS),
+    help="What to write.  [default: from -o's extension; needed for standard output]",
+)
+@click.option(
+    "-o",
+    "--output",
+    default="-",
+    show_default=True,
+    type=click.Path(dir_okay=False, allow_dash=True),
+    metavar="PATH|-",
+    help="Where to write: a file (written whole, then renamed into place) or - for stdout.",
+)
+@click.option("--layer", metavar="NAME", help="Which layer.  [default: the file's only one]")
+@click.option(
+    "--normalize", type=click.Choice(NORMALIZATIONS), help="Scale each row to unit length."
+)
+@click.option(
+    "--no-paths", is_flag=True, help="Leave the path column out (csv, tsv, jsonl, parquet)."
+)
+@click.option("--no-header", is_flag=True, help="Leave the header line out (csv, tsv).")
+@click.option(
+    "--paths-to",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Also write each row's path to FILE, one a line (tsv-escaped), aligned with the rows.",
+)
+def export(file, format_, output, layer, normalize, no_paths, no_header, paths_to) -> None:
+    """Write one layer of a features file as npy, csv, tsv, jsonl, fvecs or parquet.
+
+    One row per image, in the file's row order. Text formats put the path
+    first; npy keeps each row's shape (an unpooled conv map is (N, H, W, C)),
+    every other format flattens it in C order. fvecs is int32 width then
+    float32 values per row, as ANN benchmarks and faiss read it. Memory stays
+    flat: the layer is streamed in chunks.
+
+    \b
+    Examples:
+      vggfeat export features.h5 --format npy | python -c \\
+          "import numpy, sys; print(numpy.load(sys.stdin.buffer).shape)"
+      vggfeat export features.h5 --format tsv --no-header | cut -f1,2
+      vggfeat export features.h5 --format jsonl | jq -c '{path, n: (.fc7 | length)}'
+      vggfeat export features.h5 -o fc7.npy --normalize l2 --paths-to paths.txt
+      vggfeat export features.h5 -o features.parquet      # needs vggfeat[parquet]
+    """
+    from vggfeat.export import export as run_export
+    from vggfeat.export import format_of, is_binary
+
+    to_stdout = output == "-"
+    format_ = format_ or (None if to_stdout else format_of(output))
+    if format_ is None:
+        where = "standard output" if to_stdout else f"-o {output}"
+        raise _BadOption(f"give --format ({', '.join(FORMATS)}) for {where}")
+    if to_stdout and is_binary(format_) and sys.stdout.isatty():
+        raise _BadOption(
+            f"{format_} is binary and standard output is a terminal: pipe it, or give -o FILE"
+        )
+    try:
+        exported = run_export(
+            file,
+            sys.stdout.buffer if to_stdout else output,
+            format_,
+            layer=layer,
+            normalize=normalize,
+            paths=not no_paths,
+            header=not no_header,
+            paths_to=paths_to,
+        )
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise click.ClickException(
+            f"cannot write to standard output: {error.strerror or error}"
+        ) from None
+    shape = "x".join(map(str, exported.shape))
+    if exported.pending:
+        click.echo(
+            f"Note: {file} is from a run that has not finished; {exported.pending:,} of the "
+            f"rows are those it has committed so far.",
+            err=True,
+        )
+    if not to_stdout:
+        click.echo(
+            f"Wrote {output}: {_count(exported.rows, 'row')} of {exported.layer} "
+            f"({shape} {exported.dtype}) as {format_}.",
+            err=True,
+        )
 
 
 @cli.command(context_settings=CONTEXT)

@@ -184,6 +184,7 @@ def extract(
     _check_choices(
         pool=pool, resize=resize, precision=precision, dtype=dtype, compression=compression
     )
+    _check_output_name(output)
     if batch_size < 1 or commit_every < 1 or (workers is not None and workers < 1):
         raise OptionError("--batch-size, --commit-every and --workers must be at least 1")
     if isinstance(shard, str):
@@ -545,6 +546,31 @@ def _cuts(architecture, names: Sequence[str]) -> list[Cut]:
             raise VggfeatError(f"--layer {name} and --layer {twin.label} are the same layer")
         cuts.append(Cut(name.strip(), layer))
     return cuts
+
+
+#: Extensions of other formats: an output named so wants ``vggfeat export``, not HDF5.
+OTHER_FORMATS = (".npy", ".npz", ".csv", ".tsv", ".txt", ".json", ".jsonl", ".parquet", ".pt",
+                 ".fvecs")  # fmt: skip
+
+
+def _check_output_name(output: str | os.PathLike) -> None:
+    """Refuse an output that names a stream or another format: extract writes HDF5 only."""
+    from vggfeat.export import FORMATS, format_of
+
+    name = os.fspath(output)
+    if name == "-":
+        raise OptionError(
+            "-o -: extract writes an HDF5 file, not a stream; write one (-o features.h5), "
+            "then 'vggfeat export features.h5 --format npy' writes it to standard output"
+        )
+    if Path(name).suffix.lower() not in OTHER_FORMATS:
+        return
+    h5 = str(Path(name).with_suffix(".h5"))
+    convert = f"-o {name}" if format_of(name) else f"--format {'|'.join(FORMATS)}"
+    raise OptionError(
+        f"-o {name}: extract writes HDF5 only; write {h5} and convert it with "
+        f"'vggfeat export {h5} {convert}'"
+    )
 
 
 def _check_choices(**chosen: str) -> None:

@@ -1004,6 +1004,7 @@ class FeatureFile:
         self.path = path
         self.home = _home(path)
         self._file = None
+        self._empty: dict[str, np.ndarray] = {}
         plan = _read_plan(parts_folder(path), path)
         if path.exists():
             self.attributes = read_attributes(path, advice="")
@@ -1017,6 +1018,8 @@ class FeatureFile:
             self.attributes = {**asdict(plan.layout.settings), **plan.layout.attributes}
             self.rows = self._failures = 0
             self._layers = list(plan.layout.settings.layers)
+            dtype = plan.layout.settings.dtype
+            self._empty = {s.name: np.zeros((0, *s.shape), dtype) for s in plan.layout.feature_sets}
         else:
             raise OutputError(f"{path} does not exist")
         # An unfinished --overwrite run's rows belong to another file, not to this one.
@@ -1074,6 +1077,8 @@ class FeatureFile:
                 segments.append((self.rows, lambda s, d=dataset: d[s]))
             for part, _, new in self._pending:
                 segments.append((len(new), _PartColumn(part, f"features_{index}", new)))
+            if not segments:  # a run that has committed nothing yet: no rows, but a shape
+                segments.append((0, lambda s, empty=self._empty[name]: empty[s]))
             columns[name] = Column(segments)
         return columns
 

@@ -1,0 +1,314 @@
+"""``vggfeat export``: every format read back by a reader that is not vggfeat's, against
+what h5py reads from the file; standard output, closed pipes and refusals."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pyarrow.parquet
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from tests.test_store import stop_after
+from vggfeat import export as export_module
+from vggfeat.cli import cli
+from vggfeat.pipeline import extract
+from vggfeat.store import open_features
+
+#: File names a shell pipeline or a CSV reader trips on.
+NAMES = ["plain.png", "with,comma.png", 'a "quote".png', "tab\there.png", "new\nline.png",
+         " space.png", "back\\slash.png"]  # fmt: skip
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, ["export", *args], catch_exceptions=False)
+
+
+def make_folder(folder, names=NAMES):
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), np.uint8)).save(folder / name)
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), np.uint8)).save(
+        os.path.join(os.fsencode(folder), b"caf\xe9.png")  # not UTF-8
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flat(tmp_path_factory):
+    """Two average-pooled layers, float32: rows of 64 values."""
+    work = tmp_path_factory.mktemp("flat")
+    output = work / "flat.h5"
+    extract([make_folder(work / "photos")], output, layers=["conv1_1", "conv1_2"], pool="avg",
+            image_size=32, weights="random")  # fmt: skip
+    return output
+
+
+@pytest.fixture(scope="module")
+def maps(tmp_path_factory):
+    """One unpooled conv map, (16, 16, 64) per row, stored in float16: four rows."""
+    work = tmp_path_factory.mktemp("maps")
+    output = work / "maps.h5"
+    extract([make_folder(work / "photos", NAMES[:3])], output, layers=["pool1"], image_size=32,
+            weights="random", dtype="float16")  # fmt: skip
+    return output
+
+
+def stored(path, layer):
+    """What h5py reads: the paths and the layer's rows."""
+    with h5py.File(path) as file:
+        count = int(file["committed"][0])
+        paths = [p.decode() for p in file["paths"][:count]]
+        return paths, file[f"features/{layer}"][:count]
+
+
+def read_fvecs(data: bytes) -> np.ndarray:
+    """The fvecs format as ANN benchmarks define it: per row, int32 d, then d float32."""
+    rows, offset = [], 0
+    while offset < len(data):
+        (width,) = struct.unpack_from("<i", data, offset)
+        rows.append(np.frombuffer(data, "<f4", width, offset + 4))
+        offset += 4 + 4 * width
+    return np.array(rows)
+
+
+def tsv_unescape(field: str) -> str:
+    pairs = {"\\\\": "\\", "\\t": "\t", "\\n": "\n", "\\r": "\r"}
+    out, index = [], 0
+    while index < len(field):
+        pair = field[index : index + 2]
+        if pair in pairs:
+            out.append(pairs[pair])
+            index += 2
+        else:
+            out.append(field[index])
+            index += 1
+    return "".join(out)
+
+
+def test_npy_to_stdout_is_the_array_h5py_reads(flat, maps):
+    paths, values = stored(flat, "conv1_2")
+    result = run(str(flat), "--layer", "conv1_2", "--format", "npy")
+    assert result.exit_code == 0, result.stderr
+    read = np.load(io.BytesIO(result.stdout_bytes))
+    assert read.dtype == np.float32 and read.shape == (len(paths), 64)
+    np.testing.assert_array_equal(read, values)
+    # A conv map keeps its axes, and float16 stays float16.
+    _, values = stored(maps, "pool1")
+    read = np.load(io.BytesIO(run(str(maps), "--format", "npy").stdout_bytes))
+    assert read.dtype == np.float16 and read.shape == (4, 16, 16, 64)
+    np.testing.assert_array_equal(read, values)
+
+
+def test_csv_reads_back_with_the_csv_module_whatever_the_names(flat):
+    paths, values = stored(flat, "conv1_1")
+    result = run(str(flat), "--layer", "conv1_1", "--format", "csv")
+    assert result.exit_code == 0, result.stderr
+    rows = list(csv.reader(io.StringIO(result.stdout_bytes.decode(), newline="")))
+    assert rows[0] == ["path"] + [f"conv1_1_{i}" for i in range(64)]
+    assert [row[0] for row in rows[1:]] == paths
+    assert "photos/new\nline.png" in paths and "photos/caf\\xe9.png" in paths
+    read = np.array([[float(v) for v in row[1:]] for row in rows[1:]], np.float32)
+    np.testing.assert_array_equal(read, values)  # enough digits to give back every float32
+
+
+def test_tsv_is_one_line_per_row_and_flattens_conv_maps_in_c_order(maps):
+    paths, values = stored(maps, "pool1")
+    result = run(str(maps), "--format", "tsv", "--no-header")
+    lines = result.stdout_bytes.decode().splitlines()
+    assert len(lines) == len(paths)
+    fields = [line.split("\t") for line in lines]
+    assert [tsv_unescape(f[0]) for f in fields] == paths
+    read = np.array([[float(v) for v in f[1:]] for f in fields]).astype(np.float16)
+    np.testing.assert_array_equal(read, values.reshape(len(paths), -1))
+    assert read.shape[1] == 16 * 16 * 64
+
+
+def test_tsv_cut_and_no_paths(flat):
+    _, values = stored(flat, "conv1_1")
+    lines = run(str(flat), "--layer", "conv1_1", "--format", "tsv").stdout_bytes.decode()
+    header, *rows = lines.splitlines()
+    assert header.split("\t")[:2] == ["path", "conv1_1_0"]
+    assert "photos/tab\\there.png" in [row.split("\t")[0] for row in rows]
+    bare = run(str(flat), "--layer", "conv1_1", "--format", "csv", "--no-paths", "--no-header")
+    read = np.loadtxt(io.StringIO(bare.stdout_bytes.decode()), delimiter=",", dtype=np.float32)
+    np.testing.assert_array_equal(read, values)
+
+
+def test_jsonl_is_one_json_object_per_line(flat):
+    paths, values = stored(flat, "conv1_2")
+    result = run(str(flat), "--layer", "conv1_2", "--format", "jsonl")
+    objects = [json.loads(line) for line in result.stdout_bytes.decode().splitlines()]
+    assert [o["path"] for o in objects] == paths
+    np.testing.assert_array_equal(np.array([o["conv1_2"] for o in objects], np.float32), values)
+
+
+def test_fvecs_and_paths_to_a_file_aligned_with_the_rows(flat, tmp_path):
+    paths, values = stored(flat, "conv1_1")
+    target, names = tmp_path / "out.fvecs", tmp_path / "paths.txt"
+    result = run(str(flat), "--layer", "conv1_1", "-o", str(target), "--paths-to", str(names))
+    assert result.exit_code == 0, result.stderr
+    assert f"Wrote {target}: {len(paths)} rows of conv1_1 (64 float32) as fvecs" in result.stderr
+    np.testing.assert_array_equal(read_fvecs(target.read_bytes()), values)
+    lines = names.read_text().splitlines()
+    assert [tsv_unescape(line) for line in lines] == paths
+    assert sorted(os.listdir(tmp_path)) == ["out.fvecs", "paths.txt"]  # no temporary left
+
+
+def test_parquet_reads_back_with_pyarrow(flat, maps, tmp_path):
+    paths, values = stored(flat, "conv1_1")
+    result = run(str(flat), "--layer", "conv1_1", "--format", "parquet")
+    table = pyarrow.parquet.read_table(io.BytesIO(result.stdout_bytes))
+    assert table.column_names == ["path", "conv1_1"]
+    assert table.column("path").to_pylist() == paths
+    np.testing.assert_array_equal(np.array(table.column("conv1_1").to_pylist()), values)
+    # A map is flattened, its shape kept in the metadata, float16 widened to float32.
+    run(str(maps), "-o", str(tmp_path / "maps.parquet"), "--no-paths")
+    table = pyarrow.parquet.read_table(tmp_path / "maps.parquet")
+    assert table.column_names == ["pool1"]
+    assert json.loads(table.schema.metadata[b"vggfeat.shape"]) == [16, 16, 64]
+    _, values = stored(maps, "pool1")
+    read = np.array(table.column("pool1").to_pylist(), np.float32)
+    np.testing.assert_array_equal(read, values.reshape(4, -1).astype(np.float32))
+
+
+def test_parquet_without_pyarrow_is_one_line(flat, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    result = run(str(flat), "--layer", "conv1_1", "--format", "parquet")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "Error: --format parquet needs pyarrow: pip install 'vggfeat[parquet]'"
+    ]
+
+
+def test_l2_normalised_rows_have_unit_length(flat, maps):
+    _, values = stored(flat, "conv1_1")
+    result = run(str(flat), "--layer", "conv1_1", "--format", "npy", "--normalize", "l2")
+    read = np.load(io.BytesIO(result.stdout_bytes))
+    expected = values / np.linalg.norm(values, axis=1, keepdims=True)
+    np.testing.assert_allclose(read, expected, rtol=1e-6)
+    _, values = stored(maps, "pool1")
+    read = np.load(io.BytesIO(run(str(maps), "--format", "npy", "--normalize", "l2").stdout_bytes))
+    assert read.dtype == np.float32 and read.shape == (4, 16, 16, 64)
+    flat_values = values.reshape(4, -1).astype(np.float32)
+    expected = flat_values / np.linalg.norm(flat_values, axis=1, keepdims=True)
+    np.testing.assert_allclose(read.reshape(4, -1), expected, rtol=1e-6)
+
+
+def test_rows_are_streamed_in_chunks_with_the_same_result(flat, monkeypatch):
+    whole = run(str(flat), "--layer", "conv1_1", "--format", "csv").stdout_bytes
+    monkeypatch.setattr(export_module, "CHUNK_BYTES", 3 * 64 * 4)  # three rows at a time
+    reads = []
+    original = open_features
+
+    def counting(path):
+        file = original(path)
+        column = file.features["conv1_1"]
+        read = column._slice
+        column._slice = lambda start, stop: reads.append(stop - start) or read(start, stop)
+        return file
+
+    monkeypatch.setattr(export_module, "open_features", counting)
+    assert run(str(flat), "--layer", "conv1_1", "--format", "csv").stdout_bytes == whole
+    assert reads[1:] == [3, 3, 2]  # after the one row that tells the shape
+
+
+def test_a_closed_pipe_ends_quietly_with_exit_0(maps):
+    environment = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    for format in ("csv", "npy", "parquet"):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vggfeat", "export", str(maps), "--format", format],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=environment,
+        )
+        process.stdout.read(100)  # | head -c 100
+        process.stdout.close()
+        assert process.wait(timeout=60) == 0, format
+        assert process.stderr.read() == b"", format
+
+
+def test_binary_formats_refuse_a_terminal(maps):
+    primary, secondary = pty.openpty()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "vggfeat", "export", str(maps), "--format", "npy"],
+            stdout=secondary,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert result.returncode == 2
+    assert b"npy is binary and standard output is a terminal" in result.stderr
+
+
+def test_refusals_are_one_line_with_exit_2(flat, tmp_path):
+    cases = {
+        ("--format", "csv"): "holds 2 layers (conv1_1, conv1_2): choose one with --layer",
+        ("--layer", "conv1-1", "--format", "csv"): "--layer conv1-1: did you mean conv1_1?",
+        ("--layer", "conv1_1"): "give --format (npy, csv, tsv, jsonl, fvecs, parquet) for stand",
+        ("--layer", "conv1_1", "-o", str(tmp_path / "x.bin")): "give --format",
+        ("--layer", "conv1_1", "--format", "npy", "-o", str(flat)): "is the file being exported",
+    }
+    for args, message in cases.items():
+        result = run(str(flat), *args)
+        assert result.exit_code == 2, args
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, args
+    assert os.listdir(tmp_path) == []
+    missing = run(str(flat), "--layer", "conv1_1", "-o", str(tmp_path / "no" / "x.csv"))
+    assert missing.exit_code == 1 and "cannot write" in missing.stderr
+    other = tmp_path / "other.h5"
+    h5py.File(other, "w").close()
+    assert run(str(other), "--format", "npy").exit_code == 1
+
+
+def test_an_interrupted_export_leaves_no_file(flat, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "CHUNK_BYTES", 64 * 4)
+
+    def interrupted(self, paths, values):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module._Npy, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_module.export(flat, tmp_path / "x.npy", "npy", layer="conv1_1")
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_unfinished_run_exports_its_committed_rows_and_says_so(tmp_path):
+    photos = make_folder(tmp_path / "photos", [f"{i}.png" for i in range(6)])
+    output = tmp_path / "features.h5"
+    stop_after(4, photos, output)
+    with open_features(output) as file:
+        expected = file.features["pool1"][:]
+        paths = list(file.paths)
+    assert 4 <= len(paths) < 7
+    result = run(str(output), "--format", "npy")
+    assert result.exit_code == 0
+    np.testing.assert_array_equal(np.load(io.BytesIO(result.stdout_bytes)), expected)
+    assert f"{len(paths)} of the rows are those it has committed so far" in result.stderr
+
+
+def test_extract_refuses_outputs_in_other_formats():
+    runner = CliRunner()
+    for output, hint in [
+        ("-", "'vggfeat export features.h5 --format npy' writes it to standard output"),
+        ("f.npy", "write f.h5 and convert it with 'vggfeat export f.h5 -o f.npy'"),
+        ("f.parquet", "'vggfeat export f.h5 -o f.parquet'"),
+        ("x/f.pt", "'vggfeat export x/f.h5 --format npy|csv|tsv|jsonl|fvecs|parquet'"),
+    ]:
+        result = runner.invoke(cli, ["extract", "photos", "-o", output])
+        assert result.exit_code == 2, output
+        assert hint in result.stderr, output

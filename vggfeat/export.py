@@ -1,0 +1,378 @@
+"""Features out of a vggfeat file, into the formats other tools read.
+
+    export("features.h5", sys.stdout.buffer, "npy")           # numpy.load reads it
+    export("features.h5", "features.csv", "csv", normalize="l2")
+
+One row per image, in the file's row order (that of ``/paths``), streamed in
+chunks of about ``CHUNK_BYTES``: memory stays flat however large the layer.
+Each format is a small writer in ``FORMATS``; a layer with several feature
+axes (an unpooled conv map, (H, W, C)) is flattened in C order, index
+``(h * W + w) * C + c``, for every format but ``npy``, which keeps the shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from vggfeat.errors import OptionError, VggfeatError
+from vggfeat.output import OutputError
+from vggfeat.store import FeatureFile, open_features, output_path
+
+#: About this many bytes of features are read, converted and written at a time.
+CHUNK_BYTES = 16 << 20
+NORMALIZATIONS = ("l2",)
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What ``export`` wrote: rows of one layer, each ``shape``, as ``dtype``."""
+
+    rows: int
+    layer: str
+    shape: tuple[int, ...]
+    dtype: str
+    format: str
+    pending: int
+    """Of ``rows``, those committed by a run that has not finished yet."""
+
+
+class _Writer:
+    """One format: ``begin`` once, ``write`` per chunk of rows, ``end`` once."""
+
+    binary_values = False
+    """Whether the values are raw bytes, not text, so a terminal is no place for them."""
+
+    def __init__(self, out: IO[bytes], layer: str, shape: tuple[int, ...], options: _Options):
+        self.out = out
+        self.layer = layer
+        self.shape = shape
+        self.width = math.prod(shape)
+        self.options = options
+
+    def dtype(self, stored: np.dtype) -> np.dtype:
+        """The dtype the values are written in."""
+        return np.dtype(np.float32)
+
+    def begin(self, rows: int, dtype: np.dtype) -> None:
+        pass
+
+    def write(self, paths: list[str], values: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class _Options:
+    paths: bool
+    header: bool
+
+
+class _Npy(_Writer):
+    """NumPy's ``.npy``: the header for all rows, then the rows as they come."""
+
+    binary_values = True
+
+    def dtype(self, stored: np.dtype) -> np.dtype:
+        return stored.newbyteorder("<")
+
+    def begin(self, rows: int, dtype: np.dtype) -> None:
+        header = {
+            "descr": np.lib.format.dtype_to_descr(dtype),
+            "fortran_order": False,
+            "shape": (rows, *self.shape),
+        }
+        np.lib.format.write_array_header_1_0(self.out, header)
+
+    def write(self, paths: list[str], values: np.ndarray) -> None:
+        self.out.write(np.ascontiguousarray(values).tobytes())
+
+
+class _Fvecs(_Writer):
+    """The ``.fvecs`` of ANN benchmarks and faiss: per row, int32 width, float32 values."""
+
+    binary_values = True
+
+    def write(self, paths: list[str], values: np.ndarray) -> None:
+        record = np.dtype([("width", "<i4"), ("values", "<f4", (self.width,))])
+        rows = np.empty(len(values), record)
+        rows["width"] = self.width
+        rows["values"] = values.reshape(len(values), self.width)
+        self.out.write(rows.tobytes())
+
+
+class _Text(_Writer):
+    """A line per row: the path (unless --no-paths), then every value."""
+
+    separator = ","
+
+    def dtype(self, stored: np.dtype) -> np.dtype:
+        return stored
+
+    def begin(self, rows: int, dtype: np.dtype) -> None:
+        if self.options.header:
+            names = [f"{self.layer}_{index}" for index in range(self.width)]
+            self.out.write(self.separator.join(self._path_column() + names).encode() + b"\n")
+
+    def _path_column(self) -> list[str]:
+        return ["path"] if self.options.paths else []
+
+    def write(self, paths: list[str], values: np.ndarray) -> None:
+        # Enough significant digits to read back the very same float32 or float16.
+        digits = 5 if values.dtype == np.float16 else 9
+        line = self.separator.join([f"%.{digits}g"] * self.width)
+        flat = values.reshape(len(values), self.width).astype(np.float64)
+        lines = []
+        for path, row in zip(paths, flat, strict=True):
+            numbers = line % tuple(row.tolist())
+            if self.options.paths:
+                numbers = f"{self.quote(path)}{self.separator}{numbers}"
+            lines.append(numbers)
+        self.out.write(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
+
+    def quote(self, path: str) -> str:
+        """A path as one CSV field: quoted, with quotes doubled, where RFC 4180 needs it."""
+        if any(character in path for character in ',"\r\n') or path != path.strip(" "):
+            return '"' + path.replace('"', '""') + '"'
+        return path
+
+
+class _Tsv(_Text):
+    separator = "\t"
+
+    def quote(self, path: str) -> str:
+        return tsv_field(path)
+
+
+class _Jsonl(_Text):
+    """A JSON object per line: ``{"path": ..., "<layer>": [values]}``."""
+
+    def begin(self, rows: int, dtype: np.dtype) -> None:
+        pass
+
+    def write(self, paths: list[str], values: np.ndarray) -> None:
+        digits = 5 if values.dtype == np.float16 else 9
+        flat = values.reshape(len(values), self.width).astype(np.float64)
+        key = json.dumps(self.layer)
+        line = ", ".join([f"%.{digits}g"] * self.width)
+        lines = []
+        for path, row in zip(paths, flat, strict=True):
+            if np.isfinite(row).all():
+                numbers = line % tuple(row.tolist())
+            else:  # JSON has no NaN or infinity: null, as JavaScript writes them
+                numbers = ", ".join(
+                    f"%.{digits}g" % value if math.isfinite(value) else "null"
+                    for value in row.tolist()
+                )
+            path_field = f'"path": {json.dumps(path, ensure_ascii=False)}, '
+            lines.append(f"{{{path_field if self.options.paths else ''}{key}: [{numbers}]}}")
+        self.out.write(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
+
+
+class _Parquet(_Writer):
+    """Apache Parquet through pyarrow: a ``path`` column and a fixed-size list column."""
+
+    binary_values = True
+
+    def begin(self, rows: int, dtype: np.dtype) -> None:
+        pa, parquet = _pyarrow()
+        fields = [pa.field("path", pa.string())] if self.options.paths else []
+        fields.append(pa.field(self.layer, pa.list_(pa.float32(), self.width)))
+        metadata = {"vggfeat.layer": self.layer, "vggfeat.shape": json.dumps(list(self.shape))}
+        self.schema = pa.schema(fields, metadata=metadata)
+        self.writer = parquet.ParquetWriter(self.out, self.schema)
+
+    def write(self, paths: list[str], values: np.ndarray) -> None:
+        pa, _ = _pyarrow()
+        flat = pa.array(values.reshape(-1), pa.float32())
+        columns = [pa.FixedSizeListArray.from_arrays(flat, self.width)]
+        if self.options.paths:
+            columns.insert(0, pa.array(paths, pa.string()))
+        self.writer.write_batch(pa.record_batch(columns, schema=self.schema))
+
+    def end(self) -> None:
+        self.writer.close()
+
+
+FORMATS: dict[str, type[_Writer]] = {
+    "npy": _Npy,
+    "csv": _Text,
+    "tsv": _Tsv,
+    "jsonl": _Jsonl,
+    "fvecs": _Fvecs,
+    "parquet": _Parquet,
+}
+#: What an output's extension says about its format, for ``-o`` without ``--format``.
+EXTENSIONS = {"npy": "npy", "csv": "csv", "tsv": "tsv", "txt": "tsv", "jsonl": "jsonl",
+              "fvecs": "fvecs", "parquet": "parquet"}  # fmt: skip
+
+
+def format_of(destination: str) -> str | None:
+    """The format an output's name implies (``x.csv``: csv), or None."""
+    return EXTENSIONS.get(Path(destination).suffix.lower().lstrip("."))
+
+
+def is_binary(format: str) -> bool:
+    """Whether ``format`` writes bytes a terminal would show as garbage."""
+    return FORMATS[format].binary_values
+
+
+def tsv_field(text: str) -> str:
+    """``text`` as one tab-separated field: backslash, tab, newline and return escaped."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def export(
+    path: str | os.PathLike,
+    out: str | os.PathLike | IO[bytes],
+    format: str,
+    layer: str | None = None,
+    normalize: str | None = None,
+    paths: bool = True,
+    header: bool = True,
+    paths_to: str | os.PathLike | None = None,
+) -> Exported:
+    """Write one layer of the vggfeat file at ``path`` to ``out`` as ``format``.
+
+    ``out`` is a binary stream (``sys.stdout.buffer``) or a path, written to a
+    temporary file beside it and renamed into place when complete. ``layer``
+    may be left out when the file holds one. ``normalize="l2"`` scales each
+    (flattened) row to unit length, in float32; an all-zero row stays zero.
+    ``paths=False`` leaves the path column out of the text and Parquet
+    formats; ``header=False`` the header line out of csv and tsv.
+    ``paths_to`` also writes each row's path, one a line, tsv-escaped.
+    """
+    if format not in FORMATS:
+        raise OptionError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
+    if normalize not in (None, *NORMALIZATIONS):
+        raise OptionError(f"--normalize {normalize!r}: choose {', '.join(NORMALIZATIONS)}")
+    if format == "parquet":
+        _pyarrow()
+    source = output_path(path)
+    for target in (out, paths_to):
+        if isinstance(target, str | os.PathLike) and _same_file(target, source):
+            raise OptionError(f"{os.fspath(target)} is the file being exported; name another")
+    with open_features(source) as file:
+        name = _choose_layer(file, layer)
+        column = file.features[name]
+        shape = tuple(column.shape[1:])
+        writer_type = FORMATS[format]
+        with _written(out) as stream, _written(paths_to) as paths_stream:
+            writer = writer_type(stream, name, shape, _Options(paths, header))
+            stored = np.dtype(file.attributes.get("dtype", "float32"))
+            dtype = np.dtype(np.float32) if normalize else writer.dtype(stored)
+            rows = len(column)
+            writer.begin(rows, dtype)
+            for start, stop in _chunks(rows, math.prod(shape) * dtype.itemsize):
+                try:
+                    values = np.asarray(column[start:stop])
+                    chunk_paths = file.paths[start:stop]
+                except (OSError, KeyError, ValueError) as error:
+                    raise OutputError(
+                        f"{source} is damaged: rows {start:,} to {stop:,} cannot be read ({error})"
+                    ) from None
+                values = _l2(values) if normalize else values.astype(dtype, copy=False)
+                writer.write(chunk_paths, values)
+                if paths_stream is not None:
+                    lines = "".join(tsv_field(p) + "\n" for p in chunk_paths)
+                    paths_stream.write(lines.encode("utf-8", "surrogateescape"))
+            writer.end()
+        return Exported(rows, name, shape, str(dtype), format, file.pending)
+
+
+def _choose_layer(file: FeatureFile, layer: str | None) -> str:
+    names = list(file.features)
+    if layer is None:
+        if len(names) == 1:
+            return names[0]
+        raise OptionError(
+            f"{file.path} holds {len(names)} layers ({', '.join(names)}): choose one with --layer"
+        )
+    if layer in names:
+        return layer
+    close = difflib.get_close_matches(layer, names, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise OptionError(f"--layer {layer}: {hint}{file.path} holds {', '.join(names)}")
+
+
+def _chunks(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
+    step = max(1, CHUNK_BYTES // max(1, row_bytes))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _l2(values: np.ndarray) -> np.ndarray:
+    """Each row over its Euclidean length, in float32; an all-zero row stays zero."""
+    values = values.astype(np.float32)
+    flat = values.reshape(len(values), -1)
+    norms = np.linalg.norm(flat, axis=1, keepdims=True)
+    np.divide(flat, norms, out=flat, where=norms > 0)
+    return values
+
+
+@contextlib.contextmanager
+def _written(target: str | os.PathLike | IO[bytes] | None) -> Iterator[IO[bytes] | None]:
+    """A stream as is; a path as a temporary file beside it, renamed into place when the
+    block completes and removed if it does not, so a stopped export leaves no half file."""
+    if target is None or not isinstance(target, str | os.PathLike):
+        yield target
+        if target is not None:
+            target.flush()
+        return
+    final = Path(target)
+    try:
+        descriptor, temporary = tempfile.mkstemp(
+            prefix=f".{final.name}.", suffix=".partial", dir=final.parent
+        )
+    except OSError as error:
+        raise VggfeatError(f"cannot write {final}: {error.strerror or error}") from None
+    try:
+        with open(descriptor, "wb", buffering=io.DEFAULT_BUFFER_SIZE * 16) as stream:
+            yield stream
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, final)
+    except BrokenPipeError:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise VggfeatError(f"cannot write {final}: {error.strerror or error}") from None
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _same_file(target: str | os.PathLike, source: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return os.path.samefile(target, source)
+    return False
+
+
+def _pyarrow() -> tuple[Any, Any]:
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise OptionError(
+            "--format parquet needs pyarrow: pip install 'vggfeat[parquet]'"
+        ) from None
+    return pyarrow, pyarrow.parquet
