@@ -38,7 +38,8 @@ class Job:
     depth: int
     layers: tuple[str, ...]
     image_size: int
-    batch_size: int
+    batch_size: int | None
+    """Images per network call; None: what suits the device (``BATCH_SIZES``)."""
     pool: str
     weights: str
     """``imagenet``, ``random`` or a path (the local engine reads it itself)."""
@@ -53,13 +54,14 @@ class Job:
     compute_dtype: str | None = None
     """What the layers compute in, as the output's settings say; None: from ``precision``."""
 
-    def network(self, batch_size: int, weights=None) -> FeatureNetwork:
-        """The job's network, built here (weights: the job's, or ones already read)."""
+    def network(self, most: int | None = None, weights=None) -> FeatureNetwork:
+        """The job's network, built here (weights: the job's, or ones already read), for
+        at most ``most`` images."""
         return FeatureNetwork(
             vgg(self.depth),
             self.cuts(),
             self.image_size,
-            batch_size,
+            self.batch_size,
             self.pool,
             self.weights if weights is None else weights,
             self.seed,
@@ -67,6 +69,7 @@ class Job:
             self.backend,
             self.device,
             self.compute_dtype,
+            most,
         )
 
     def cuts(self) -> list[Cut]:
@@ -119,7 +122,7 @@ class LocalEngine:
     def __init__(self, job: Job, count: int) -> None:
         self.job = job
         # A run smaller than one batch needs no padding up to the full batch.
-        self.network = job.network(min(job.batch_size, count))
+        self.network = job.network(most=count)
         self.workers = job.workers or os.cpu_count() or 1
         self.weights_sha256 = self.network.weights.sha256
         self.stats = EngineStats(description={"engine": "local"})
@@ -131,6 +134,10 @@ class LocalEngine:
     @property
     def batch_size(self) -> int:
         return self.network.batch_size
+
+    @property
+    def requested_batch_size(self) -> int:
+        return self.network.requested_batch_size
 
     def run(self, paths: Sequence[str]) -> Iterator[Result]:
         """A ``Computed`` per batch and a ``Failure`` per unusable image, in input order."""

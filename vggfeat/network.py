@@ -75,6 +75,11 @@ def compute_dtype(precision: Precision, device: str, backend: str) -> str:
     return "bfloat16" if backend == "tensorflow" and cpu_has_fast_bfloat16() else "float32"
 
 
+#: Images per network call when none is asked for. On a CPU, 8 compute as fast as 32
+#: (fc7 at 224x224: 11.7 and 12.1 images/s on 2 cores) in 0.8 GB less memory.
+BATCH_SIZES = {"cpu": 8, "gpu": 32}
+
+
 class NetworkOutOfMemory(VggfeatError):
     """The device ran out of memory on a batch; a smaller batch may fit."""
 
@@ -91,7 +96,7 @@ class FeatureNetwork:
         architecture: Architecture,
         cuts: list[Cut],
         image_size: int,
-        batch_size: int,
+        batch_size: int | None,
         pool: Pooling = "none",
         weights: str | os.PathLike | PreparedWeights = "imagenet",
         seed: int = 0,
@@ -99,7 +104,10 @@ class FeatureNetwork:
         backend: str | None = None,
         device: str | None = None,
         compute: str | None = None,
+        most: int | None = None,
     ) -> None:
+        """``batch_size`` None: ``BATCH_SIZES`` for the device. ``most``: no more images
+        than this will come, so a short run compiles a batch no longer than it."""
         self.backend = backend or default_backend()
         keras = start(self.backend)
         self.device = choose_device(self.backend, device)
@@ -119,7 +127,9 @@ class FeatureNetwork:
             self.weights: WeightsRecord = apply_weights(model, architecture, weights, seed)
             outputs = [model.get_layer(cut.layer.name).output for cut in cuts]
             self._model = keras.Model(model.input, outputs)
-        self.set_batch_size(batch_size)
+        batch_size = batch_size or BATCH_SIZES[self.device.kind]
+        self.requested_batch_size = min(batch_size, most) if most else batch_size
+        self.set_batch_size(self.requested_batch_size)
 
     @property
     def description(self) -> str:

@@ -133,7 +133,7 @@ def extract(
     pool: str = "none",
     weights: str | os.PathLike = "imagenet",
     seed: int = 0,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     image_size: int = TOP_IMAGE_SIZE,
     resize: str = "squash",
     precision: str = "float32",
@@ -185,7 +185,11 @@ def extract(
         pool=pool, resize=resize, precision=precision, dtype=dtype, compression=compression
     )
     _check_output_name(output)
-    if batch_size < 1 or commit_every < 1 or (workers is not None and workers < 1):
+    if (
+        (batch_size is not None and batch_size < 1)
+        or commit_every < 1
+        or (workers is not None and workers < 1)
+    ):
         raise OptionError("--batch-size, --commit-every and --workers must be at least 1")
     if isinstance(shard, str):
         shard = Shard.parse(shard)
@@ -318,8 +322,8 @@ def extract(
         seconds=seconds,
         timings=Timings(max(0.0, seconds - busy), drive.waiting, drive.network, drive.writing),
         file_bytes=store.path.stat().st_size if store.path.exists() else 0,
-        batch_size=running.batch_size if running else batch_size,
-        requested_batch_size=min(batch_size, drive.total) if drive.total else batch_size,
+        batch_size=running.batch_size if running else batch_size or 0,
+        requested_batch_size=running.requested_batch_size if running else batch_size or 0,
     )
 
 

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from vggfeat.architecture import vgg
 from vggfeat.engine import Computed, EngineStats, Job, Result
 from vggfeat.errors import OptionError, VggfeatError
 from vggfeat.images import Decoded, Failure, Source, pixel_limit
+from vggfeat.network import BATCH_SIZES
 from vggfeat.runtime import BACKEND_NAMES, backend_version, muted_stderr, start
 
 INSTALL = "pip install 'vggfeat[ray]'"
@@ -122,7 +124,9 @@ class RayEngine:
                     "gpus_per_actor": self.gpus_per_actor,
                 }
             )
-            self.batch_size = job.batch_size
+            kind = "gpu" if self.gpus_per_actor else "cpu"
+            self.job = replace(job, batch_size=job.batch_size or BATCH_SIZES[kind])
+            self.batch_size = self.requested_batch_size = self.job.batch_size
         except BaseException:
             self.close()
             raise
@@ -458,7 +462,7 @@ class _NetworkActor:
             if chosen.digest() != digest:
                 raise VggfeatError("the weights an actor received differ from the driver's")
         self.shapes = job.feature_shapes()
-        self.network = job.network(job.batch_size, None if chosen is job.weights else chosen)
+        self.network = job.network(weights=None if chosen is job.weights else chosen)
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -83,7 +84,8 @@ class WeightsRecord:
 
 @dataclass(frozen=True)
 class StoredLayer:
-    """One layer's arrays as a weights file holds them."""
+    """One layer's arrays as a weights file holds them (NumPy arrays, or h5py datasets
+    inside ``weights_in_file``)."""
 
     label: str
     """Where it is in the file, e.g. ``block1_conv1`` or ``layers/conv2d_3``."""
@@ -170,7 +172,8 @@ def apply_weights(
         path = fetch_imagenet(published_file(architecture, needs_top))
     else:
         path = Path(weights)
-    _assign(model, layers, read_weights_file(path), architecture, path)
+    with weights_in_file(path) as stored:
+        _assign(model, layers, stored, architecture, path)
     return WeightsRecord(named.kind, path.name, file_sha256(path))
 
 
@@ -218,8 +221,20 @@ def fetch_imagenet(published: PublishedFile) -> Path:
 
 
 def read_weights_file(path: Path) -> list[StoredLayer]:
-    """The weighted layers of a Keras weights file, in network order.
+    """The weighted layers of a Keras weights file, in network order, read into memory."""
+    with weights_in_file(path) as stored:
+        return [
+            StoredLayer(layer.label, layer.name, tuple(np.asarray(a) for a in layer.arrays))
+            for layer in stored
+        ]
 
+
+@contextlib.contextmanager
+def weights_in_file(path: Path) -> Iterator[list[StoredLayer]]:
+    """The weighted layers of a Keras weights file, in network order, not read yet.
+
+    Each array is an h5py dataset, read when used inside the block, so that a
+    network takes its weights one layer at a time (fc6 alone is 411 MB).
     Reads the legacy ``.h5`` layout (root attribute ``layer_names``, also
     inside a whole-model file's ``model_weights`` group) and the Keras 3
     ``.weights.h5`` layout (``layers/conv2d_N/vars/K``, numbered by order).
@@ -231,9 +246,11 @@ def read_weights_file(path: Path) -> list[StoredLayer]:
         with h5py.File(path, "r") as file:
             root = file.get("model_weights", file)
             if "layer_names" in root.attrs:
-                return _read_legacy(root)
+                yield _read_legacy(root)
+                return
             if isinstance(root.get("layers"), h5py.Group):
-                return _read_keras3(root["layers"], path)
+                yield _read_keras3(root["layers"], path)
+                return
     except OSError as error:
         raise WeightsMismatchError(f"weights file {path} is not an HDF5 file: {error}") from error
     except (KeyError, ValueError) as error:
@@ -279,7 +296,7 @@ def _read_legacy(root) -> list[StoredLayer]:
         group = root[name]
         weight_names = [_text(w) for w in group.attrs.get("weight_names", [])]
         if weight_names:
-            arrays = tuple(np.asarray(group[w]) for w in weight_names)
+            arrays = tuple(group[w] for w in weight_names)
             stored.append(StoredLayer(name, name, arrays))
     return stored
 
@@ -300,7 +317,7 @@ def _read_keras3(layers, path: Path) -> list[StoredLayer]:
     stored = []
     for _, key in sorted(entries["conv2d"]) + sorted(entries["dense"]):
         variables = layers[key].get("vars", {})
-        arrays = tuple(np.asarray(variables[k]) for k in sorted(variables, key=int))
+        arrays = tuple(variables[k] for k in sorted(variables, key=int))
         stored.append(StoredLayer(f"layers/{key}", None, arrays))
     return stored
 
@@ -347,7 +364,7 @@ def _assign(
                 f"{candidate.label} has {_shapes(a.shape for a in candidate.arrays)}"
                 + (for_depth if file_depth != architecture.depth else "")
             )
-        keras_layer.set_weights(list(candidate.arrays))
+        keras_layer.set_weights([np.asarray(array) for array in candidate.arrays])
     if file_convs != architecture.conv_count:
         raise WeightsMismatchError(f"weights file {path} is not for {architecture.name}{for_depth}")
 
