@@ -200,3 +200,19 @@ def test_show_refuses_other_files_in_one_line(tmp_path):
     assert (
         result.output.strip() == f"Error: {tmp_path / 'notes.h5'} is not a vggfeat file (not HDF5)"
     )
+
+
+def test_progress_without_a_terminal_says_the_time_left(capsys):
+    from vggfeat.cli import _ProgressView
+    from vggfeat.pipeline import Progress
+
+    with _ProgressView(quiet=False) as view:
+        view.update(Progress(done=0, failed=0, total=1000, elapsed=0.0, already=256))
+        view.update(Progress(done=100, failed=2, total=1000, elapsed=20.0))
+        view.update(Progress(done=1000, failed=2, total=1000, elapsed=200.0))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "256 images already done; 1,000 to do.",
+        "100/1,000 images, 5.0 images/s, 2 failed, 3 min left",  # 900 images at 5 a second
+        "1,000/1,000 images, 5.0 images/s, 2 failed",
+    ]

@@ -53,24 +53,20 @@ def test_every_option_is_in_the_readme():
                     assert option in README, f"vggfeat {name} {option} is not in README.md"
 
 
-def test_the_benchmark_suite_runs():
-    # A smoke run keeps benchmarks/run.py working; no test asserts a speed.
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")))
+def test_every_benchmark_imports_what_it_uses(script):
+    # Importing each script (--help) catches a benchmark left behind by a renamed API in a
+    # second. The benchmarks themselves run by hand: 'python benchmarks/run.py --profile
+    # smoke' exercises run.py end to end in about a minute (see README, Development).
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--profile", "smoke", "--no-record"],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--help"],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=600,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    for row in (
-        "1. network alone",
-        "3. Keras recipe, batched",
-        "4. vggfeat extract",
-        "7. peak memory",
-        "8. vggfeat --help",
-    ):
-        assert row in result.stdout
+    assert result.stdout.startswith("usage:")
 
 
 def test_the_gpu_benchmark_dry_run_works(tmp_path):

@@ -312,3 +312,16 @@ def test_extract_refuses_outputs_in_other_formats():
         result = runner.invoke(cli, ["extract", "photos", "-o", output])
         assert result.exit_code == 2, output
         assert hint in result.stderr, output
+
+
+def test_the_documented_pipe_into_numpy_works(maps):
+    # A real pipe, not a buffer: numpy.load cannot seek in one, hence the BytesIO.
+    reader = "import io, sys, numpy; print(numpy.load(io.BytesIO(sys.stdin.buffer.read())).shape)"
+    command = (
+        f"{sys.executable} -m vggfeat export {maps} --format npy | {sys.executable} -c '{reader}'"
+    )
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(4, 16, 16, 64)"

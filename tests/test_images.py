@@ -198,3 +198,20 @@ def test_discovery_errors(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(VggfeatError, match="no images found"):
         discover([str(tmp_path)])
+
+
+def test_squash_gives_the_pixels_of_keras_load_img_bilinear(tmp_path):
+    import keras
+
+    rng = np.random.default_rng(5)
+    for size, (height, width) in [(32, (75, 100)), (48, (40, 30)), (224, (500, 375))]:
+        # Smooth gradients plus noise: resampling filters disagree on both.
+        ramp = np.linspace(0, 255, width)[None, :, None] * np.ones((height, 1, 3))
+        noisy = np.clip(ramp + rng.normal(0, 40, (height, width, 3)), 0, 255).astype(np.uint8)
+        path = tmp_path / f"{width}x{height}.png"
+        Image.fromarray(noisy).save(path)
+        reference = keras.utils.load_img(path, target_size=(size, size), interpolation="bilinear")
+        np.testing.assert_array_equal(decode(path, size), np.asarray(reference, int))
+        # Keras's default, nearest neighbour, is another picture.
+        nearest = keras.utils.load_img(path, target_size=(size, size))
+        assert np.abs(decode(path, size) - np.asarray(nearest, int)).mean() > 1

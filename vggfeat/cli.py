@@ -328,7 +328,7 @@ def export(file, format_, output, layer, normalize, no_paths, no_header, paths_t
     \b
     Examples:
       vggfeat export features.h5 --format npy | python -c \\
-          "import numpy, sys; print(numpy.load(sys.stdin.buffer).shape)"
+          "import io, sys, numpy; print(numpy.load(io.BytesIO(sys.stdin.buffer.read())).shape)"
       vggfeat export features.h5 --format tsv --no-header | cut -f1,2
       vggfeat export features.h5 --format jsonl | jq -c '{path, n: (.fc7 | length)}'
       vggfeat export features.h5 -o fc7.npy --normalize l2 --paths-to paths.txt
@@ -442,10 +442,8 @@ def devices(as_json: bool) -> None:
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
     metavar="N",
-    help="Images per network call.",
+    help="Images per network call.  [default: 32 on a GPU, 8 on a CPU]",
 )
 @image_size_option
 @choice_option(
@@ -684,11 +682,22 @@ class _ProgressView:
         now = time.monotonic()
         if now - self.last_line >= self.PLAIN_EVERY or progress.done == progress.total:
             self.last_line = now
+            left = (progress.total - progress.done) / rate if rate > 0 else None
             self.console.print(
                 f"{progress.done:,}/{progress.total:,} images, {rate:.1f} images/s, "
-                f"{progress.failed:,} failed",
+                f"{progress.failed:,} failed" + (f", {_duration(left)} left" if left else ""),
                 highlight=False,
             )
+
+
+def _duration(seconds: float) -> str:
+    """``40 s``, ``12 min``, ``3 h 05 min``: as precise as a forecast deserves."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours} h {minutes:02d} min"
 
 
 def _count(number: int, noun: str) -> str:

@@ -1,0 +1,198 @@
+"""Peak memory of ``vggfeat extract`` per cut, and of ``vggfeat export`` on a large layer.
+
+    python benchmarks/memory.py                  # a few minutes on 2 cores
+    python benchmarks/memory.py --export-gb 10   # a 10 GB layer to export
+
+Each measurement is a child process; its peak resident memory is the
+``ru_maxrss`` that ``wait4`` reports for it.
+
+1. ``extract`` of 64 photos (640x480 JPEGs) at 224x224, cut at conv5_3, pool5
+   and fc7: with seeded random weights and the default batch size; with a
+   weights file (the legacy ``.h5`` layout Keras publishes, saved here from
+   ``keras.applications.VGG16``: 553 MB with the top); and with that file and
+   ``--batch-size 32``.
+2. ``export`` of an unpooled conv5_3 layer, (14, 14, 512) float32 a row, of
+   ``--export-gb`` GB, written through the store's own writer, to standard
+   output (``/dev/null``) as npy, fvecs and parquet, and the first tenth of it
+   as csv.
+
+Appends the table to benchmarks/RESULTS.md unless ``--no-record``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from run import show_and_record  # noqa: E402
+
+from vggfeat.output import FeatureSet, Layout, Rows, Settings, create, writing  # noqa: E402
+
+CUTS = ("conv5_3", "pool5", "fc7")
+MAP = (14, 14, 512)
+
+
+def child(*args: str) -> tuple[float, float]:
+    """Run ``vggfeat ARGS``; its peak resident memory in MB and its wall seconds."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vggfeat", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"vggfeat {' '.join(args)} failed:\n{process.stderr.read().decode()}")
+    return usage.ru_maxrss / 1024, seconds
+
+
+def make_photos(folder: Path, count: int = 64) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        pixels = rng.integers(0, 256, (480, 640, 3), np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:03d}.jpg", quality=90)
+    return folder
+
+
+def make_weights(path: Path) -> Path:
+    """VGG16 with the top, in the legacy layout, by Keras's own writer."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import h5py
+    import keras
+    from keras.src.legacy.saving import legacy_h5_format
+
+    model = keras.applications.VGG16(weights=None, include_top=True)
+    with h5py.File(path, "w") as file:
+        legacy_h5_format.save_weights_to_hdf5_group(file, model)
+    return path
+
+
+def make_large_file(path: Path, gigabytes: float) -> int:
+    """A vggfeat file of unpooled conv5_3 rows, about ``gigabytes`` GB; its row count."""
+    row_bytes = int(np.prod(MAP)) * 4
+    rows = max(1, int(gigabytes * 1e9 / row_bytes))
+    settings = Settings(
+        depth=16, layers=("conv5_3",), pooling="none", weights="random", weights_file="",
+        weights_sha256="", seed=0, image_size=224, resize="squash", compute_dtype="float32",
+        dtype="float32",
+    )  # fmt: skip
+    layout = Layout(settings, (FeatureSet("conv5_3", "block5_conv3", "none", MAP),), "none", {})
+    create(path, layout, 256)
+    rng = np.random.default_rng(0)
+    block = max(1, (256 << 20) // row_bytes)
+    with writing(path) as writer:
+        for start in range(0, rows, block):
+            count = min(block, rows - start)
+            writer.add(
+                Rows(
+                    paths=[f"photos/{i:08d}.jpg" for i in range(start, start + count)],
+                    size=np.full(count, 1000, np.int64),
+                    mtime_ns=np.full(count, 1, np.int64),
+                    features=(rng.random((count, *MAP), np.float32),),
+                    failed_paths=[],
+                    failed_reasons=[],
+                    failed_size=np.zeros(0, np.int64),
+                    failed_mtime_ns=np.zeros(0, np.int64),
+                )
+            )
+            writer.commit()
+    return rows
+
+
+def extract_table(work: Path) -> list[str]:
+    photos = make_photos(work / "photos")
+    weights = make_weights(work / "vgg16_top.h5")
+    lines = [
+        "| cut | weights | batch | peak memory | wall time |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for cut in CUTS:
+        for label, options in [
+            ("random", ["--weights", "random"]),
+            ("file (553 MB)", ["--weights", str(weights)]),
+            ("file (553 MB)", ["--weights", str(weights), "--batch-size", "32"]),
+        ]:
+            output = work / f"{cut}.h5"
+            peak, seconds = child(
+                "extract", str(photos), "-o", str(output), "--layer", cut, "-q", *options
+            )
+            output.unlink()
+            batch = options[-1] if "--batch-size" in options else "default (8)"
+            lines.append(f"| {cut} | {label} | {batch} | {peak:,.0f} MB | {seconds:.1f} s |")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def export_table(work: Path, gigabytes: float) -> list[str]:
+    large = work / "large.h5"
+    rows = make_large_file(large, gigabytes)
+    size = large.stat().st_size
+    lines = [
+        "",
+        f"`vggfeat export` of {rows:,} rows of conv5_3 unpooled (14x14x512 float32, "
+        f"{size / 1e9:.2f} GB on disk) to standard output:",
+        "",
+        "| format | rows | peak memory | wall time | MB/s of features |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    cases = [("npy", rows), ("fvecs", rows), ("parquet", rows), ("csv", max(1, rows // 10))]
+    for format, count in cases:
+        source = large
+        if count < rows:
+            source = work / "tenth.h5"
+            make_large_file(source, gigabytes / 10)
+        peak, seconds = child("export", str(source), "--format", format)
+        megabytes = count * np.prod(MAP) * 4 / 1e6
+        lines.append(
+            f"| {format} | {count:,} | {peak:,.0f} MB | {seconds:.1f} s | "
+            f"{megabytes / seconds:,.0f} |"
+        )
+        print(lines[-1], flush=True)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--export-gb", type=float, default=2.0)
+    parser.add_argument("--skip-extract", action="store_true")
+    parser.add_argument("--folder", type=Path, help="where to work (default: a temporary folder)")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--no-record", action="store_true")
+    arguments = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(dir=arguments.folder) as scratch:
+        work = Path(scratch)
+        lines = [
+            f"## Peak memory, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+            "",
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}. `vggfeat extract` of 64 photos (640x480 "
+            "JPEGs) at 224x224, float32, TensorFlow on the CPU:",
+            "",
+        ]
+        if not arguments.skip_extract:
+            lines += extract_table(work)
+        lines += export_table(work, arguments.export_gb)
+        lines.append("")
+    show_and_record(lines, None if arguments.no_record else arguments.results)
+
+
+if __name__ == "__main__":
+    main()
