@@ -14,15 +14,14 @@ from tests.conftest import reference_model, save_keras3, save_legacy
 from vggfeat import weights as weights_module
 from vggfeat.architecture import vgg
 from vggfeat.errors import WeightsMismatchError, WeightsUnavailableError
-from vggfeat.weights import PUBLISHED, apply_weights, keras_cache_dir
+from vggfeat.weights import PUBLISHED, build_with_weights, keras_cache_dir
 
 LAYOUTS = ["legacy", "keras3"]
 
 
 def _cut(depth: int, layer: str, image_size: int, weights, seed: int = 0):
     architecture = vgg(depth)
-    model = architecture.build(image_size, architecture.layer(layer), seed=seed)
-    return model, apply_weights(model, architecture, weights, seed)
+    return build_with_weights(architecture, image_size, architecture.layer(layer), weights, seed)
 
 
 def _reference_output(depth: int, include_top: bool, image_size: int, layer: str, batch):

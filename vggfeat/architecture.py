@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Literal
@@ -106,6 +107,19 @@ class Catalogue:
     def macs(self) -> int:
         return sum(facts.macs for facts in self.layers)
 
+    def weight_shapes(self) -> dict[str, list[tuple[int, ...]]]:
+        """Each weighted layer's variables at this input size: [kernel, bias] shapes."""
+        shapes: dict[str, list[tuple[int, ...]]] = {}
+        previous: tuple[int, ...] = (self.image_size, self.image_size, 3)
+        for facts in self.layers:
+            layer = facts.layer
+            if layer.kind == "conv":
+                shapes[layer.name] = [(3, 3, previous[-1], layer.width), (layer.width,)]
+            elif layer.kind == "dense":
+                shapes[layer.name] = [(math.prod(previous), layer.width), (layer.width,)]
+            previous = facts.output_shape
+        return shapes
+
     def facts(self, layer: Layer) -> LayerFacts:
         for facts in self.layers:
             if facts.layer == layer:
@@ -183,15 +197,20 @@ class Architecture:
         return Catalogue(self.depth, image_size, tuple(facts))
 
     def build(
-        self, image_size: int, up_to: Layer, seed: int | None = 0, dtype: str | None = None
+        self,
+        image_size: int,
+        up_to: Layer,
+        seed: int = 0,
+        dtype: str | None = None,
+        initial: Mapping[str, Sequence[Callable]] | None = None,
     ) -> keras.Model:
         """The Keras model from the input through ``up_to``, weights drawn under ``seed``.
 
         Each layer's initialisers get their own seed derived from ``seed`` and
         the layer's position, so a layer's random weights do not depend on
-        where the network is cut. With ``seed=None`` the weights are zeros, to
-        be loaded: drawing 138 million random numbers only to overwrite them
-        costs seconds.
+        where the network is cut. ``initial`` gives a layer (by Keras name)
+        its own (kernel, bias) initialisers instead: weights from a file are
+        the variables' first values, never zeros overwritten.
 
         ``dtype`` is a Keras dtype policy such as ``"mixed_bfloat16"``; float32 by default.
         """
@@ -203,8 +222,8 @@ class Architecture:
         inputs = keras.Input(shape=(image_size, image_size, 3), name="input_layer")
         x = inputs
         for index, layer in enumerate(self.layers):
-            layer_seed = None if seed is None else seed * 1000 + index
-            x = _keras_layer(keras, layer, layer_seed, dtype)(x)
+            initialisers = (initial or {}).get(layer.name) or _glorot(seed * 1000 + index)
+            x = _keras_layer(keras, layer, initialisers, dtype)(x)
             if layer == up_to:
                 break
         return keras.Model(inputs, x, name=f"vgg{self.depth}")
@@ -249,16 +268,15 @@ def _layer_cost(layer: Layer, shape: tuple[int, ...]) -> tuple[int, int, tuple[i
     return inputs * layer.width + layer.width, inputs * layer.width, (layer.width,)
 
 
-def _keras_layer(keras, layer: Layer, seed: int | None, dtype: str | None) -> keras.Layer:
+def _keras_layer(
+    keras, layer: Layer, initialisers: Sequence[Callable | str], dtype: str | None
+) -> keras.Layer:
     if layer.kind == "pool":
         return keras.layers.MaxPooling2D((2, 2), strides=(2, 2), name=layer.name, dtype=dtype)
     if layer.kind == "flatten":
         return keras.layers.Flatten(name=layer.name, dtype=dtype)
-    initialisers = {
-        "kernel_initializer": "zeros" if seed is None else _glorot_uniform(seed),
-        "bias_initializer": "zeros",
-        "dtype": dtype,
-    }
+    kernel, bias = initialisers
+    options = {"kernel_initializer": kernel, "bias_initializer": bias, "dtype": dtype}
     if layer.kind == "conv":
         return keras.layers.Conv2D(
             layer.width,
@@ -266,16 +284,14 @@ def _keras_layer(keras, layer: Layer, seed: int | None, dtype: str | None) -> ke
             padding="same",
             activation=layer.activation,
             name=layer.name,
-            **initialisers,
+            **options,
         )
-    return keras.layers.Dense(
-        layer.width, activation=layer.activation, name=layer.name, **initialisers
-    )
+    return keras.layers.Dense(layer.width, activation=layer.activation, name=layer.name, **options)
 
 
-def _glorot_uniform(seed: int):
-    """Keras's default kernel initialiser, drawn by NumPy: a seed gives the same weights on
-    every backend (each backend's own random generator draws other numbers)."""
+def _glorot(seed: int) -> tuple[Callable, str]:
+    """Keras's default initialisers (Glorot uniform kernel, zero bias), drawn by NumPy: a
+    seed gives the same weights on every backend (each backend's own generator differs)."""
 
     def draw(shape, dtype=None):
         receptive = math.prod(shape[:-2])
@@ -286,4 +302,4 @@ def _glorot_uniform(seed: int):
         values -= limit
         return values
 
-    return draw
+    return draw, "zeros"

@@ -31,7 +31,7 @@ from vggfeat.runtime import (
     library,
     start,
 )
-from vggfeat.weights import PreparedWeights, WeightsRecord, apply_weights
+from vggfeat.weights import PreparedWeights, build_with_weights
 
 Pooling = Literal["none", "avg", "max"]
 Precision = Literal["float32", "mixed"]
@@ -121,10 +121,9 @@ class FeatureNetwork:
 
         deepest = max((cut.layer for cut in cuts), key=architecture.layers.index)
         with self._placed():
-            model = architecture.build(
-                image_size, deepest, seed if weights == "random" else None, dtype=policy
+            model, self.weights = build_with_weights(
+                architecture, image_size, deepest, weights, seed, dtype=policy
             )
-            self.weights: WeightsRecord = apply_weights(model, architecture, weights, seed)
             outputs = [model.get_layer(cut.layer.name).output for cut in cuts]
             self._model = keras.Model(model.input, outputs)
         batch_size = batch_size or BATCH_SIZES[self.device.kind]

@@ -149,32 +149,57 @@ class PreparedWeights:
         return digest.hexdigest()
 
 
-def apply_weights(
-    model: keras.Model,
+def build_with_weights(
     architecture: Architecture,
+    image_size: int,
+    up_to: Layer,
     weights: str | os.PathLike | PreparedWeights,
     seed: int = 0,
-) -> WeightsRecord:
-    """Give ``model`` (built by ``architecture``) its weights and say where they came from.
+    dtype: str | None = None,
+) -> tuple[keras.Model, WeightsRecord]:
+    """The Keras model from the input through ``up_to``, with its weights, and their record.
 
-    ``weights`` is ``"imagenet"``, ``"random"`` (the model keeps the weights it
-    was built with under ``seed``), a path to a weights file, or one already read.
+    ``weights`` is ``"imagenet"``, ``"random"`` (drawn under ``seed``), a path
+    to a weights file, or one already read. A file's arrays become the
+    variables' first values, read one layer at a time: never zeros first and
+    the file's numbers copied over them, which held fc6's 411 MB three times.
+    Raises ``WeightsMismatchError`` naming the first layer the file does not fit,
+    before any variable is made.
     """
-    layers = _weighted_layers(model, architecture)
+    layers = [
+        layer
+        for layer in architecture.layers[: architecture.layers.index(up_to) + 1]
+        if layer.has_weights
+    ]
     if isinstance(weights, PreparedWeights):
-        _assign(model, layers, list(weights.layers), architecture, Path(weights.record.file))
-        return weights.record
-    needs_top = any(layer.is_top for layer in layers)
-    named = identify_weights(architecture, needs_top, weights, seed)
-    if named.kind == "random":
-        return named
-    if named.kind == "imagenet":
-        path = fetch_imagenet(published_file(architecture, needs_top))
+        path, record = Path(weights.record.file), weights.record
+        source: contextlib.AbstractContextManager = contextlib.nullcontext(list(weights.layers))
     else:
-        path = Path(weights)
-    with weights_in_file(path) as stored:
-        _assign(model, layers, stored, architecture, path)
-    return WeightsRecord(named.kind, path.name, file_sha256(path))
+        needs_top = any(layer.is_top for layer in layers)
+        record = identify_weights(architecture, needs_top, weights, seed)
+        if record.kind == "random":
+            return architecture.build(image_size, up_to, seed, dtype), record
+        if record.kind == "imagenet":
+            path = fetch_imagenet(published_file(architecture, needs_top))
+            record = WeightsRecord("imagenet", path.name, file_sha256(path))
+        else:
+            path = Path(weights)
+        source = weights_in_file(path)
+    with source as stored:
+        expected = architecture.catalogue(image_size).weight_shapes()
+        chosen = _match(layers, stored, expected, architecture, path)
+        initial = {name: [_array_initialiser(a) for a in c.arrays] for name, c in chosen.items()}
+        model = architecture.build(image_size, up_to, dtype=dtype, initial=initial)
+    return model, record
+
+
+def _array_initialiser(array):
+    """A Keras initialiser that returns ``array`` (read from the file only now)."""
+
+    def initial(shape, dtype=None):
+        return np.asarray(array)
+
+    return initial
 
 
 def identify_weights(
@@ -322,23 +347,18 @@ def _read_keras3(layers, path: Path) -> list[StoredLayer]:
     return stored
 
 
-def _weighted_layers(model: keras.Model, architecture: Architecture) -> list[Layer]:
-    names = {layer.name for layer in model.layers}
-    return [layer for layer in architecture.layers if layer.has_weights and layer.name in names]
-
-
 def _shapes(shapes) -> str:
     return ", ".join(str(tuple(shape)) for shape in shapes)
 
 
-def _assign(
-    model: keras.Model,
+def _match(
     layers: list[Layer],
     stored: list[StoredLayer],
+    expected: dict[str, list[tuple[int, ...]]],
     architecture: Architecture,
     path: Path,
-) -> None:
-    """Give each weighted layer the file's next layer of its kind, or fail naming it."""
+) -> dict[str, StoredLayer]:
+    """Each weighted layer's stored layer: the file's next of its kind, or fail naming it."""
     by_kind = {kind: [s for s in stored if s.kind == kind] for kind in ("conv", "dense")}
     file_convs = len(by_kind["conv"])
     file_depth = next((d for d, b in BLOCK_DEPTHS.items() if sum(b) == file_convs), None)
@@ -346,9 +366,8 @@ def _assign(
         f"as VGG{file_depth} does (--depth {file_depth})" if file_depth else "as no VGG does"
     )
     upcoming = {kind: iter(queue) for kind, queue in by_kind.items()}
+    chosen = {}
     for layer in layers:
-        keras_layer = model.get_layer(layer.name)
-        expected = [variable.shape for variable in keras_layer.weights]
         candidate = next(upcoming[layer.kind], None)
         if candidate is None:
             no_top = layer.kind == "dense"
@@ -356,17 +375,18 @@ def _assign(
             raise WeightsMismatchError(
                 f"weights file {path} has no weights for {layer.name} ({layer.alias}){hint}"
             )
-        shapes_fit = [a.shape for a in candidate.arrays] == [tuple(s) for s in expected]
+        shapes_fit = [tuple(a.shape) for a in candidate.arrays] == expected[layer.name]
         if not shapes_fit or candidate.name not in (None, layer.name):
             raise WeightsMismatchError(
                 f"weights file {path} does not fit {architecture.name} at {layer.name} "
-                f"({layer.alias}): the network expects {_shapes(expected)}, the file's "
-                f"{candidate.label} has {_shapes(a.shape for a in candidate.arrays)}"
+                f"({layer.alias}): the network expects {_shapes(expected[layer.name])}, the "
+                f"file's {candidate.label} has {_shapes(a.shape for a in candidate.arrays)}"
                 + (for_depth if file_depth != architecture.depth else "")
             )
-        keras_layer.set_weights([np.asarray(array) for array in candidate.arrays])
+        chosen[layer.name] = candidate
     if file_convs != architecture.conv_count:
         raise WeightsMismatchError(f"weights file {path} is not for {architecture.name}{for_depth}")
+    return chosen
 
 
 def published_files(architecture: Architecture) -> list[PublishedFile]:
