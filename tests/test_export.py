@@ -8,9 +8,13 @@ import io
 import json
 import os
 import pty
+import stat
 import struct
 import subprocess
 import sys
+import threading
+import time
+import warnings
 
 import h5py
 import numpy as np
@@ -42,6 +46,7 @@ def make_folder(folder, names=NAMES):
     Image.fromarray(rng.integers(0, 256, (40, 48, 3), np.uint8)).save(
         os.path.join(os.fsencode(folder), b"caf\xe9.png")  # not UTF-8
     )
+    (folder / "bad\tname\n.jpg").write_text("not an image")
     return folder
 
 
@@ -207,7 +212,7 @@ def test_l2_normalised_rows_have_unit_length(flat, maps):
 
 
 def test_rows_are_streamed_in_chunks_with_the_same_result(flat, monkeypatch):
-    whole = run(str(flat), "--layer", "conv1_1", "--format", "csv").stdout_bytes
+    whole = run(str(flat), "--layer", "conv1_1", "--format", "npy").stdout_bytes
     monkeypatch.setattr(export_module, "CHUNK_BYTES", 3 * 64 * 4)  # three rows at a time
     reads = []
     original = open_features
@@ -220,7 +225,7 @@ def test_rows_are_streamed_in_chunks_with_the_same_result(flat, monkeypatch):
         return file
 
     monkeypatch.setattr(export_module, "open_features", counting)
-    assert run(str(flat), "--layer", "conv1_1", "--format", "csv").stdout_bytes == whole
+    assert run(str(flat), "--layer", "conv1_1", "--format", "npy").stdout_bytes == whole
     assert reads[1:] == [3, 3, 2]  # after the one row that tells the shape
 
 
@@ -299,6 +304,14 @@ def test_an_unfinished_run_exports_its_committed_rows_and_says_so(tmp_path):
     assert result.exit_code == 0
     np.testing.assert_array_equal(np.load(io.BytesIO(result.stdout_bytes)), expected)
     assert f"{len(paths)} of the rows are those it has committed so far" in result.stderr
+    # show describes it from the run's plan as it would the finished file.
+    facts = json.loads(CliRunner().invoke(cli, ["show", str(output), "--json"]).stdout)
+    assert facts["rows"] == 0 and facts["pending"] == len(paths)
+    assert facts["layers"] == [
+        {"name": "pool1", "shape": [64], "dtype": "float32", "keras_layer": "block1_pool",
+         "pooling": "avg", "bytes_on_disk": 0}
+    ]  # fmt: skip
+    assert facts["attributes"]["layers"] == ["pool1"]
 
 
 def test_extract_refuses_outputs_in_other_formats():
@@ -307,7 +320,12 @@ def test_extract_refuses_outputs_in_other_formats():
         ("-", "'vggfeat export features.h5 --format npy' writes it to standard output"),
         ("f.npy", "write f.h5 and convert it with 'vggfeat export f.h5 -o f.npy'"),
         ("f.parquet", "'vggfeat export f.h5 -o f.parquet'"),
-        ("x/f.pt", "'vggfeat export x/f.h5 --format npy|csv|tsv|jsonl|fvecs|parquet'"),
+        (
+            "x/f.pt",
+            "write x/f.h5 and convert it with 'vggfeat export x/f.h5 --format npy -o x/f.npy'",
+        ),
+        ("f.h5.csv", "write f.h5 and convert it with 'vggfeat export f.h5 -o f.h5.csv'"),
+        ("f.h5/", "-o f.h5/ names a folder"),
     ]:
         result = runner.invoke(cli, ["extract", "photos", "-o", output])
         assert result.exit_code == 2, output
@@ -325,3 +343,102 @@ def test_the_documented_pipe_into_numpy_works(maps):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(4, 16, 16, 64)"
+
+
+def test_devices_fifos_and_symlinks_are_written_through_not_replaced(flat, tmp_path):
+    expected = run(str(flat), "--layer", "conv1_1", "--format", "tsv").stdout_bytes
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    result = run(str(flat), "--layer", "conv1_1", "--format", "tsv", "-o", str(fifo))
+    reader.join(timeout=60)
+    assert result.exit_code == 0, result.stderr
+    assert received == [expected] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    target, link = tmp_path / "runs" / "x.tsv", tmp_path / "latest.tsv"
+    target.parent.mkdir()
+    target.write_text("old")
+    link.symlink_to(target)
+    assert run(str(flat), "--layer", "conv1_1", "-o", str(link)).exit_code == 0
+    assert link.is_symlink() and target.read_bytes() == expected
+    assert sorted(os.listdir(target.parent)) == ["x.tsv"]
+
+
+def test_a_long_output_name_that_the_file_system_takes_is_taken(flat, tmp_path):
+    name = tmp_path / ("n" * 250 + ".csv")
+    assert run(str(flat), "--layer", "conv1_1", "-o", str(name)).exit_code == 0
+    assert name.stat().st_size > 0
+
+
+def test_outputs_that_would_overwrite_the_input_or_each_other_are_refused(
+    flat, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    for args in (
+        ["-o", "x.csv", "--paths-to", "x.csv"],
+        ["-o", "x.csv", "--paths-to", "./x.csv"],
+        ["--format", "csv", "--paths-to", "-"],
+        ["-o", str(flat.parent / "." / flat.name), "--format", "npy"],
+    ):
+        result = run(str(flat), "--layer", "conv1_1", *args)
+        assert result.exit_code == 2, (args, result.stderr)
+    assert os.listdir(tmp_path) == []
+    # An unfinished first run has no file yet, only its parts: its name is still taken.
+    photos = make_folder(tmp_path / "photos", [f"{i}.png" for i in range(6)])
+    stop_after(4, photos, tmp_path / "pending.h5")
+    result = run(str(tmp_path / "pending.h5"), "--format", "npy", "-o", "pending.h5")
+    assert result.exit_code == 2 and "is the file being exported" in result.stderr
+    assert not (tmp_path / "pending.h5").exists()
+
+
+def test_paths_to_standard_output_with_the_features_in_a_file(flat, tmp_path):
+    paths, values = stored(flat, "conv1_1")
+    result = run(str(flat), "--layer", "conv1_1", "-o", str(tmp_path / "x.npy"), "--paths-to", "-")
+    assert [tsv_unescape(line) for line in result.stdout_bytes.decode().splitlines()] == paths
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), values)
+
+
+def test_a_layer_is_found_by_its_keras_name_too(flat):
+    by_alias = run(str(flat), "--layer", "conv1_2", "--format", "npy").stdout_bytes
+    assert run(str(flat), "--layer", "block1_conv2", "--format", "npy").stdout_bytes == by_alias
+
+
+def test_l2_normalisation_survives_extreme_values():
+    rows = np.array(
+        [[1e30, 1e30, 0], [1e-30, 2e-30, 2e-30], [0, 0, 0], [3, 4, 0], [np.nan, 1, 1]],
+        np.float32,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normalised = export_module._l2(rows)
+    np.testing.assert_allclose(np.linalg.norm(normalised[[0, 1, 3]], axis=1), 1, rtol=1e-6)
+    np.testing.assert_allclose(normalised[3], [0.6, 0.8, 0], rtol=1e-6)
+    assert not normalised[2].any() and np.isnan(normalised[4]).all()
+
+
+def test_show_failed_is_one_line_per_failure_whatever_the_name(flat):
+    result = CliRunner().invoke(cli, ["show", str(flat), "--failed"])
+    assert result.exit_code == 0
+    reason = "not an image in a supported format (JPEG, PNG, GIF, BMP, WebP, TIFF)"
+    assert result.stdout.splitlines() == [f"photos/bad\\tname\\n.jpg\t{reason}"]
+    as_json = json.loads(CliRunner().invoke(cli, ["show", str(flat), "--failed", "--json"]).stdout)
+    assert as_json == {"photos/bad\tname\n.jpg": reason}
+
+
+def test_sigterm_stops_an_export_and_removes_its_partial_file(maps, tmp_path):
+    # Standard output is a pipe nobody reads: the export blocks with its --paths-to open.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vggfeat", "export", str(maps), "--format", "csv",
+         "--paths-to", str(tmp_path / "paths.txt")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not any(tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.terminate()
+    assert process.wait(timeout=60) == 143
+    assert process.stderr.read().decode().strip().endswith("Stopped.")
+    assert os.listdir(tmp_path) == []

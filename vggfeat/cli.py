@@ -7,11 +7,14 @@ TensorFlow is not imported on the way to ``--help`` or an argument error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from enum import IntEnum
 from typing import Any
 
@@ -56,18 +59,30 @@ class _Commands(click.Group):
     """Shows a ``VggfeatError`` from any command as one line on stderr: exit 2 for a bad
     option value, 1 for anything else."""
 
+    def make_context(self, *args, **kwargs) -> click.Context:
+        # --help and --version print here, before any command runs.
+        try:
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError:
+            _drop_stdout()
+            raise click.exceptions.Exit(ExitCode.OK) from None
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except BrokenPipeError:
-            # The reader went away (| head): nothing is wrong. Python would complain on exit
-            # flushing the pipe again, so stdout goes to /dev/null first.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _drop_stdout()
             ctx.exit(ExitCode.OK)
         except OptionError as error:
             raise _BadOption(str(error)) from error
         except VggfeatError as error:
             raise click.ClickException(str(error)) from error
+
+
+def _drop_stdout() -> None:
+    """The reader went away (| head): nothing is wrong. Python would complain on exit,
+    flushing the pipe again, so stdout goes to /dev/null first."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def depth_option(command):
@@ -232,6 +247,29 @@ def _print_info(architecture: Architecture, catalogue: Catalogue) -> None:
         console.print(f"ImageNet weights for {entry['serves']}: {entry['path']} ({state})")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, stopping a command as Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGTERM stops the command as Ctrl-C does, so that it cleans up; a file-size limit
+    fails a write (an error naming the file) instead of killing the process."""
+
+    def terminate(_signum, _frame):
+        raise _Terminated
+
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+        signal.SIGXFSZ: signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
+    }
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def _raise_broken_pipe() -> None:
     raise BrokenPipeError
 
@@ -243,7 +281,10 @@ def _giga(count: int) -> str:
 @cli.command(context_settings=CONTEXT)
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option(
-    "--failed", "list_failed", is_flag=True, help="List every failure: path, tab, reason."
+    "--failed",
+    "list_failed",
+    is_flag=True,
+    help="List every failure: path, tab, reason (tsv-escaped); with --json, one object.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as one JSON object.")
 def show(file: str, list_failed: bool, as_json: bool) -> None:
@@ -258,12 +299,16 @@ def show(file: str, list_failed: bool, as_json: bool) -> None:
       vggfeat show features.h5 --failed | cut -f2 | sort | uniq -c
       vggfeat show features.h5 --json | jq .layers
     """
+    from vggfeat.export import tsv_field
     from vggfeat.store import describe_file
 
     facts = describe_file(file)
+    if list_failed and as_json:
+        click.echo(json.dumps(facts["failed"], indent=2, ensure_ascii=False))
+        return
     if list_failed:
         for path, reason in facts["failed"].items():
-            click.echo(f"{path}\t{reason}")
+            click.echo(f"{tsv_field(path)}\t{tsv_field(reason)}")
         return
     facts["failed"] = facts.pop("failures_by_reason")
     if as_json:
@@ -314,7 +359,8 @@ def show(file: str, list_failed: bool, as_json: bool) -> None:
     "--paths-to",
     type=click.Path(dir_okay=False),
     metavar="FILE",
-    help="Also write each row's path to FILE, one a line (tsv-escaped), aligned with the rows.",
+    help="Also write each row's path to FILE ('-': stdout), one a line (tsv-escaped), "
+    "aligned with the rows.",
 )
 def export(file, format_, output, layer, normalize, no_paths, no_header, paths_to) -> None:
     """Write one layer of a features file as npy, csv, tsv, jsonl, fvecs or parquet.
@@ -346,23 +392,24 @@ def export(file, format_, output, layer, normalize, no_paths, no_header, paths_t
         raise _BadOption(
             f"{format_} is binary and standard output is a terminal: pipe it, or give -o FILE"
         )
+    if paths_to == "-" and to_stdout:
+        raise _BadOption("--paths-to - and -o - both name standard output; give one a file")
     try:
-        exported = run_export(
-            file,
-            sys.stdout.buffer if to_stdout else output,
-            format_,
-            layer=layer,
-            normalize=normalize,
-            paths=not no_paths,
-            header=not no_header,
-            paths_to=paths_to,
-        )
-    except BrokenPipeError:
-        raise
-    except OSError as error:
-        raise click.ClickException(
-            f"cannot write to standard output: {error.strerror or error}"
-        ) from None
+        with _stopped_by_signals():
+            exported = run_export(
+                file,
+                sys.stdout.buffer if to_stdout else output,
+                format_,
+                layer=layer,
+                normalize=normalize,
+                paths=not no_paths,
+                header=not no_header,
+                paths_to=sys.stdout.buffer if paths_to == "-" else paths_to,
+            )
+    except KeyboardInterrupt as stop:
+        written = "" if to_stdout else f" {output} was not written."
+        click.echo(f"Stopped.{written}", err=True)
+        sys.exit(ExitCode.TERMINATED if isinstance(stop, _Terminated) else ExitCode.INTERRUPTED)
     shape = "x".join(map(str, exported.shape))
     if exported.pending:
         click.echo(

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import io
+import fcntl
+import hashlib
 import json
 import math
 import os
-import tempfile
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from vggfeat.architecture import vgg
 from vggfeat.errors import OptionError, VggfeatError
 from vggfeat.output import OutputError
 from vggfeat.store import FeatureFile, open_features, output_path
@@ -131,17 +133,13 @@ class _Text(_Writer):
         return ["path"] if self.options.paths else []
 
     def write(self, paths: list[str], values: np.ndarray) -> None:
-        # Enough significant digits to read back the very same float32 or float16.
-        digits = 5 if values.dtype == np.float16 else 9
-        line = self.separator.join([f"%.{digits}g"] * self.width)
-        flat = values.reshape(len(values), self.width).astype(np.float64)
-        lines = []
-        for path, row in zip(paths, flat, strict=True):
-            numbers = line % tuple(row.tolist())
-            if self.options.paths:
-                numbers = f"{self.quote(path)}{self.separator}{numbers}"
-            lines.append(numbers)
-        self.out.write(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
+        lines = _formatted(values, self.separator)
+        if self.options.paths:
+            lines = [
+                f"{self.quote(path)}{self.separator}{numbers}"
+                for path, numbers in zip(paths, lines, strict=True)
+            ]
+        self.out.write(("\n".join(lines) + "\n").encode("utf-8"))
 
     def quote(self, path: str) -> str:
         """A path as one CSV field: quoted, with quotes doubled, where RFC 4180 needs it."""
@@ -164,22 +162,12 @@ class _Jsonl(_Text):
         pass
 
     def write(self, paths: list[str], values: np.ndarray) -> None:
-        digits = 5 if values.dtype == np.float16 else 9
-        flat = values.reshape(len(values), self.width).astype(np.float64)
         key = json.dumps(self.layer)
-        line = ", ".join([f"%.{digits}g"] * self.width)
         lines = []
-        for path, row in zip(paths, flat, strict=True):
-            if np.isfinite(row).all():
-                numbers = line % tuple(row.tolist())
-            else:  # JSON has no NaN or infinity: null, as JavaScript writes them
-                numbers = ", ".join(
-                    f"%.{digits}g" % value if math.isfinite(value) else "null"
-                    for value in row.tolist()
-                )
+        for path, numbers in zip(paths, _formatted(values, ", ", json=True), strict=True):
             path_field = f'"path": {json.dumps(path, ensure_ascii=False)}, '
             lines.append(f"{{{path_field if self.options.paths else ''}{key}: [{numbers}]}}")
-        self.out.write(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
+        self.out.write(("\n".join(lines) + "\n").encode("utf-8"))
 
 
 class _Parquet(_Writer):
@@ -262,9 +250,7 @@ def export(
     if format == "parquet":
         _pyarrow()
     source = output_path(path)
-    for target in (out, paths_to):
-        if isinstance(target, str | os.PathLike) and _same_file(target, source):
-            raise OptionError(f"{os.fspath(target)} is the file being exported; name another")
+    _check_targets(source, out, paths_to)
     with open_features(source) as file:
         name = _choose_layer(file, layer)
         column = file.features[name]
@@ -276,7 +262,9 @@ def export(
             dtype = np.dtype(np.float32) if normalize else writer.dtype(stored)
             rows = len(column)
             writer.begin(rows, dtype)
-            for start, stop in _chunks(rows, math.prod(shape) * dtype.itemsize):
+            # Text takes about ten times the room of the values while it is formatted.
+            budget = CHUNK_BYTES // (1 if writer.binary_values else 8)
+            for start, stop in _chunks(rows, math.prod(shape) * dtype.itemsize, budget):
                 try:
                     values = np.asarray(column[start:stop])
                     chunk_paths = file.paths[start:stop]
@@ -288,9 +276,35 @@ def export(
                 writer.write(chunk_paths, values)
                 if paths_stream is not None:
                     lines = "".join(tsv_field(p) + "\n" for p in chunk_paths)
-                    paths_stream.write(lines.encode("utf-8", "surrogateescape"))
+                    paths_stream.write(lines.encode("utf-8"))
             writer.end()
         return Exported(rows, name, shape, str(dtype), format, file.pending)
+
+
+def _formatted(values: np.ndarray, separator: str, json: bool = False) -> list[str]:
+    """Each row's values as text, with the significant digits that read back the very
+    float32 (9) or float16 (5); for JSON, which has neither, NaN and infinities are null."""
+    digits = 5 if values.dtype == np.float16 else 9
+    rows = values.reshape(len(values), -1)
+    step = 8192  # values formatted at once: a 100,000-value row is not one huge tuple
+    line = separator.join([f"%.{digits}g"] * step)
+    lines = []
+    for row in rows:
+        pieces = []
+        for start in range(0, len(row), step):
+            piece = row[start : start + step].astype(np.float64).tolist()
+            if json and not all(map(math.isfinite, piece)):
+                pieces.append(
+                    separator.join(
+                        f"%.{digits}g" % v if math.isfinite(v) else "null" for v in piece
+                    )
+                )
+            elif len(piece) == step:
+                pieces.append(line % tuple(piece))
+            else:
+                pieces.append(separator.join([f"%.{digits}g"] * len(piece)) % tuple(piece))
+        lines.append(separator.join(pieces))
+    return lines
 
 
 def _choose_layer(file: FeatureFile, layer: str | None) -> str:
@@ -303,67 +317,150 @@ def _choose_layer(file: FeatureFile, layer: str | None) -> str:
         )
     if layer in names:
         return layer
+    with contextlib.suppress(VggfeatError, KeyError, ValueError):
+        # Any name of the same Keras layer: fc2 for fc7, block5_pool for pool5, and back.
+        keras_name = vgg(int(file.attributes["depth"])).layer(layer).name
+        for name, feature_set in file.feature_sets.items():
+            if feature_set.keras_layer == keras_name:
+                return name
     close = difflib.get_close_matches(layer, names, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}? " if close else ""
     raise OptionError(f"--layer {layer}: {hint}{file.path} holds {', '.join(names)}")
 
 
-def _chunks(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
-    step = max(1, CHUNK_BYTES // max(1, row_bytes))
+def _chunks(rows: int, row_bytes: int, budget: int) -> Iterator[tuple[int, int]]:
+    step = max(1, budget // max(1, row_bytes))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
 
 
 def _l2(values: np.ndarray) -> np.ndarray:
-    """Each row over its Euclidean length, in float32; an all-zero row stays zero."""
+    """Each row over its Euclidean length, in float32; an all-zero row stays zero, and a
+    row holding NaN or an infinity has no length: it comes out NaN."""
     values = values.astype(np.float32)
     flat = values.reshape(len(values), -1)
-    norms = np.linalg.norm(flat, axis=1, keepdims=True)
-    np.divide(flat, norms, out=flat, where=norms > 0)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        # Scaled by the largest value first, so that squares neither overflow (1e30)
+        # nor vanish (1e-30).
+        largest = np.max(np.abs(flat), axis=1, keepdims=True) if flat.size else flat[:, :1]
+        np.divide(flat, largest, out=flat, where=largest > 0)
+        norms = np.linalg.norm(flat, axis=1, keepdims=True)
+        np.divide(flat, norms, out=flat, where=norms > 0)
+    flat[~np.isfinite(norms[:, 0])] = np.nan
     return values
 
 
 @contextlib.contextmanager
 def _written(target: str | os.PathLike | IO[bytes] | None) -> Iterator[IO[bytes] | None]:
-    """A stream as is; a path as a temporary file beside it, renamed into place when the
-    block completes and removed if it does not, so a stopped export leaves no half file."""
-    if target is None or not isinstance(target, str | os.PathLike):
-        yield target
-        if target is not None:
-            target.flush()
+    """Where one output goes, as a stream whose write errors name it.
+
+    A stream stays as it is. A path to a device, a FIFO or anything else that
+    is not a regular file (``/dev/null``, ``/dev/stdout``) is written straight
+    through. Any other path, followed through symlinks, is written to
+    ``.vggfeat-export-*.partial`` beside it and renamed into place when the
+    block completes; removed if it does not, and taken over by the next export
+    to the same path if the process was killed.
+    """
+    if target is None:
+        yield None
         return
-    final = Path(target)
+    if not isinstance(target, str | os.PathLike):
+        named = _Named(target, "standard output")
+        yield named
+        named.flush()
+        return
+    shown = os.fspath(target)
+    if not _regular_or_new(shown):
+        with _naming(shown), open(shown, "wb") as stream:
+            yield _Named(stream, shown)
+        return
+    final = Path(os.path.realpath(shown))
+    digest = hashlib.sha256(os.fsencode(final.name)).hexdigest()[:16]
+    partial = final.with_name(f".vggfeat-export-{digest}.partial")
+    stream = _claim(partial, shown)
     try:
-        descriptor, temporary = tempfile.mkstemp(
-            prefix=f".{final.name}.", suffix=".partial", dir=final.parent
-        )
-    except OSError as error:
-        raise VggfeatError(f"cannot write {final}: {error.strerror or error}") from None
-    try:
-        with open(descriptor, "wb", buffering=io.DEFAULT_BUFFER_SIZE * 16) as stream:
-            yield stream
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, final)
-    except BrokenPipeError:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        raise VggfeatError(f"cannot write {final}: {error.strerror or error}") from None
+        with _naming(shown), stream:
+            yield _Named(stream, shown)
+            stream.flush()
+            os.replace(partial, final)  # while still holding the claim
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _regular_or_new(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True  # not there yet (or a dangling symlink): a new file
 
 
-def _same_file(target: str | os.PathLike, source: Path) -> bool:
+def _claim(partial: Path, shown: str) -> IO[bytes]:
+    """The partial file, opened, locked and emptied; refused while another export holds it."""
+    try:
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise VggfeatError(f"cannot write {shown}: {error.strerror or error}") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise VggfeatError(
+            f"another export is writing {shown}; wait for it, or name another file"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    return open(descriptor, "wb", buffering=1 << 20)
+
+
+@contextlib.contextmanager
+def _naming(shown: str) -> Iterator[None]:
+    """An ``OSError`` while writing, but a closed pipe, as a ``VggfeatError`` naming ``shown``."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except VggfeatError:
+        raise
+    except OSError as error:
+        raise VggfeatError(f"cannot write {shown}: {error.strerror or error}") from None
+
+
+class _Named:
+    """A binary stream whose write errors say which output failed (a full disk, say)."""
+
+    def __init__(self, stream: IO[bytes], shown: str) -> None:
+        self._stream = stream
+        self._shown = shown
+
+    def write(self, data) -> int:
+        with _naming(self._shown):
+            return self._stream.write(data)
+
+    def flush(self) -> None:
+        with _naming(self._shown):
+            self._stream.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self._stream.closed
+
+
+def _check_targets(source: Path, out, paths_to) -> None:
+    """Refuse outputs that would overwrite the file being read, or each other."""
+    named = [os.fspath(t) for t in (out, paths_to) if isinstance(t, str | os.PathLike)]
+    for target in named:
+        if _same_path(target, source):
+            raise OptionError(f"{target} is the file being exported; name another")
+    if len(named) == 2 and _same_path(*named):
+        raise OptionError(f"-o and --paths-to both name {named[0]}; name two files")
+
+
+def _same_path(first: str | os.PathLike, second: str | os.PathLike) -> bool:
+    """Whether two names are one file: the same once resolved, or the same inode."""
+    if os.path.realpath(first) == os.path.realpath(second):
+        return True
     with contextlib.suppress(OSError):
-        return os.path.samefile(target, source)
+        return os.path.samefile(first, second)
     return False
 
 

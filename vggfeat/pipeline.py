@@ -559,7 +559,7 @@ OTHER_FORMATS = (".npy", ".npz", ".csv", ".tsv", ".txt", ".json", ".jsonl", ".pa
 
 def _check_output_name(output: str | os.PathLike) -> None:
     """Refuse an output that names a stream or another format: extract writes HDF5 only."""
-    from vggfeat.export import FORMATS, format_of
+    from vggfeat.export import format_of
 
     name = os.fspath(output)
     if name == "-":
@@ -567,10 +567,13 @@ def _check_output_name(output: str | os.PathLike) -> None:
             "-o -: extract writes an HDF5 file, not a stream; write one (-o features.h5), "
             "then 'vggfeat export features.h5 --format npy' writes it to standard output"
         )
+    if name.endswith(os.sep):
+        raise OptionError(f"-o {name} names a folder; name the HDF5 file to write in it")
     if Path(name).suffix.lower() not in OTHER_FORMATS:
         return
-    h5 = str(Path(name).with_suffix(".h5"))
-    convert = f"-o {name}" if format_of(name) else f"--format {'|'.join(FORMATS)}"
+    stem = Path(name).with_suffix("")
+    h5 = str(stem if stem.suffix.lower() in (".h5", ".hdf5") else stem.with_suffix(".h5"))
+    convert = f"-o {name}" if format_of(name) else f"--format npy -o {stem}.npy"
     raise OptionError(
         f"-o {name}: extract writes HDF5 only; write {h5} and convert it with "
         f"'vggfeat export {h5} {convert}'"

@@ -6,11 +6,11 @@ in vggfeat speaks ``keras.ops`` and NumPy, and asks here.
 
 TensorFlow's C++ start-up writes CUDA probes and CPU-feature notes straight to
 file descriptor 2, before its own log level is read, so setting
-``TF_CPP_MIN_LOG_LEVEL`` alone does not silence them. Unless the user has set
-that variable, standard error is muted at the descriptor while a backend
-starts; Python exceptions still arrive as usual. JAX would take 75 % of a
-GPU's memory at start; unless the user says otherwise it takes what it needs,
-so that several networks can share a GPU.
+``TF_CPP_MIN_LOG_LEVEL`` alone does not silence them. Unless the user asks
+for those notes (``TF_CPP_MIN_LOG_LEVEL`` 0 or 1), standard error is muted at
+the descriptor while a backend starts; Python exceptions still arrive as usual.
+JAX would take 75 % of a GPU's memory at start; unless the user says otherwise
+it takes what it needs, so that several networks can share a GPU.
 """
 
 from __future__ import annotations
@@ -147,15 +147,15 @@ def library(backend: str):
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """Libraries' start-up notes on file descriptor 2 muted, unless the user set their level."""
-    quiet = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
-    with muted_stderr(enabled=quiet):
-        if quiet:
+    """Libraries' start-up notes on file descriptor 2 muted, unless the user asks for them."""
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    with muted_stderr(enabled=level is None or level.strip() not in ("0", "1")):
+        if level is None:
             os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
         try:
             yield
         finally:
-            if quiet:
+            if level is None:
                 # Child processes (a user's subprocess, say) start with the user's setting.
                 del os.environ["TF_CPP_MIN_LOG_LEVEL"]
 

@@ -1006,12 +1006,22 @@ class FeatureFile:
         self._file = None
         self._empty: dict[str, np.ndarray] = {}
         plan = _read_plan(parts_folder(path), path)
+        self.feature_sets: dict[str, FeatureSet] = {}
+        """Each layer: its Keras layer, pooling and per-image shape."""
         if path.exists():
             self.attributes = read_attributes(path, advice="")
             try:
                 self._file = open_hdf5(path)
                 self.rows, self._failures = committed(self._file)
                 self._layers = feature_names(self._file)
+                for name in self._layers:
+                    dataset = self._file[f"features/{name}"]
+                    self.feature_sets[name] = FeatureSet(
+                        name,
+                        _text(dataset.attrs.get("keras_layer", "")),
+                        _text(dataset.attrs.get("pooling", "")),
+                        dataset.shape[1:],
+                    )
             except (OSError, KeyError, RuntimeError, ValueError) as error:
                 raise OutputError(f"{path} is damaged and cannot be read ({error})") from None
         elif plan is not None:
@@ -1020,6 +1030,7 @@ class FeatureFile:
             self._layers = list(plan.layout.settings.layers)
             dtype = plan.layout.settings.dtype
             self._empty = {s.name: np.zeros((0, *s.shape), dtype) for s in plan.layout.feature_sets}
+            self.feature_sets = {s.name: s for s in plan.layout.feature_sets}
         else:
             raise OutputError(f"{path} does not exist")
         # An unfinished --overwrite run's rows belong to another file, not to this one.
@@ -1134,13 +1145,14 @@ def describe_file(path: str | os.PathLike) -> dict[str, Any]:
         layers = []
         for name, column in file.features.items():
             dataset = file._file[f"features/{name}"] if file._file is not None else None
+            feature_set = file.feature_sets[name]
             layers.append(
                 {
                     "name": name,
                     "shape": list(column.shape[1:]),
-                    "dtype": str(dataset.dtype) if dataset is not None else "",
-                    "keras_layer": dataset.attrs.get("keras_layer", "") if dataset else "",
-                    "pooling": dataset.attrs.get("pooling", "") if dataset else "",
+                    "dtype": str(column[0:0].dtype),
+                    "keras_layer": feature_set.keras_layer,
+                    "pooling": feature_set.pooling,
                     "bytes_on_disk": dataset.id.get_storage_size() if dataset else 0,
                 }
             )
@@ -1155,10 +1167,21 @@ def describe_file(path: str | os.PathLike) -> dict[str, Any]:
             "pending": file.pending,
             "failures": len(failed),
             "layers": layers,
-            "attributes": {k: v.tolist() if hasattr(v, "tolist") else v for k, v in shown.items()},
+            "attributes": {k: _plain(v) for k, v in shown.items()},
             "failures_by_reason": dict(sorted(by_reason.items(), key=lambda kv: -kv[1])),
             "failed": failed,
         }
+
+
+def _plain(value: Any) -> Any:
+    """An attribute as JSON has it: NumPy values and tuples as lists and numbers."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def open_features(path: str | os.PathLike) -> FeatureFile:
