@@ -4,7 +4,8 @@
     python benchmarks/memory.py --export-gb 10   # a 10 GB layer to export
 
 Each measurement is a child process; its peak resident memory is the
-``ru_maxrss`` that ``wait4`` reports for it.
+``ru_maxrss`` that ``wait4`` reports for it. Files are made in children too:
+a child forked from a large parent would start with the parent's size.
 
 1. ``extract`` of 64 photos (640x480 JPEGs) at 224x224, cut at conv5_3, pool5
    and fc7: with seeded random weights and the default batch size; with a
@@ -71,6 +72,11 @@ def make_photos(folder: Path, count: int = 64) -> Path:
     return folder
 
 
+def make_in_child(*args: str) -> None:
+    """Run this script's ``--make`` mode in a child, so this process stays small."""
+    subprocess.run([sys.executable, __file__, "--make", *args], check=True)
+
+
 def make_weights(path: Path) -> Path:
     """VGG16 with the top, in the legacy layout, by Keras's own writer."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -84,10 +90,14 @@ def make_weights(path: Path) -> Path:
     return path
 
 
-def make_large_file(path: Path, gigabytes: float) -> int:
-    """A vggfeat file of unpooled conv5_3 rows, about ``gigabytes`` GB; its row count."""
+def rows_of(gigabytes: float) -> int:
+    return max(1, int(gigabytes * 1e9 / (int(np.prod(MAP)) * 4)))
+
+
+def make_large_file(path: Path, gigabytes: float) -> None:
+    """A vggfeat file of unpooled conv5_3 rows, about ``gigabytes`` GB."""
     row_bytes = int(np.prod(MAP)) * 4
-    rows = max(1, int(gigabytes * 1e9 / row_bytes))
+    rows = rows_of(gigabytes)
     settings = Settings(
         depth=16, layers=("conv5_3",), pooling="none", weights="random", weights_file="",
         weights_sha256="", seed=0, image_size=224, resize="squash", compute_dtype="float32",
@@ -113,12 +123,12 @@ def make_large_file(path: Path, gigabytes: float) -> int:
                 )
             )
             writer.commit()
-    return rows
 
 
 def extract_table(work: Path) -> list[str]:
     photos = make_photos(work / "photos")
-    weights = make_weights(work / "vgg16_top.h5")
+    weights = work / "vgg16_top.h5"
+    make_in_child("weights", str(weights))
     lines = [
         "| cut | weights | batch | peak memory | wall time |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -142,7 +152,8 @@ def extract_table(work: Path) -> list[str]:
 
 def export_table(work: Path, gigabytes: float) -> list[str]:
     large = work / "large.h5"
-    rows = make_large_file(large, gigabytes)
+    make_in_child("large", str(large), str(gigabytes))
+    rows = rows_of(gigabytes)
     size = large.stat().st_size
     lines = [
         "",
@@ -157,7 +168,7 @@ def export_table(work: Path, gigabytes: float) -> list[str]:
         source = large
         if count < rows:
             source = work / "tenth.h5"
-            make_large_file(source, gigabytes / 10)
+            make_in_child("large", str(source), str(gigabytes / 10))
         peak, seconds = child("export", str(source), "--format", format)
         megabytes = count * np.prod(MAP) * 4 / 1e6
         lines.append(
@@ -175,7 +186,15 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, help="where to work (default: a temporary folder)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--make", nargs="+", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
+    if arguments.make:
+        what, path, *size = arguments.make
+        if what == "weights":
+            make_weights(Path(path))
+        else:
+            make_large_file(Path(path), float(size[0]))
+        return
 
     with tempfile.TemporaryDirectory(dir=arguments.folder) as scratch:
         work = Path(scratch)
