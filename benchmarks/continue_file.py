@@ -38,6 +38,21 @@ from vggfeat.output import FeatureSet, Layout, Rows, Settings, create, writing  
 OPTIONS = ["--layer", "conv1_1", "--pool", "avg", "--image-size", "32", "--weights", "random"]
 
 
+def synthetic_rows(paths: list[str], features: np.ndarray) -> Rows:
+    """Rows of made-up images, as the store's writer takes them."""
+    count = len(paths)
+    return Rows(
+        paths=paths,
+        size=np.full(count, 1000, np.int64),
+        mtime_ns=np.full(count, 1, np.int64),
+        features=(features,),
+        failed_paths=[],
+        failed_reasons=[],
+        failed_size=np.zeros(0, np.int64),
+        failed_mtime_ns=np.zeros(0, np.int64),
+    )
+
+
 def make_file(path: Path, rows: int) -> None:
     """A vggfeat file of ``rows`` rows, as ``vggfeat extract`` with OPTIONS would write."""
     settings = Settings(
@@ -60,18 +75,8 @@ def make_file(path: Path, rows: int) -> None:
     with writing(path) as writer:
         for start in range(0, rows, block):
             count = min(block, rows - start)
-            writer.add(
-                Rows(
-                    paths=[f"old/{i:08d}.png" for i in range(start, start + count)],
-                    size=np.full(count, 1000, np.int64),
-                    mtime_ns=np.full(count, 1, np.int64),
-                    features=(rng.random((count, 64), np.float32),),
-                    failed_paths=[],
-                    failed_reasons=[],
-                    failed_size=np.zeros(0, np.int64),
-                    failed_mtime_ns=np.zeros(0, np.int64),
-                )
-            )
+            paths = [f"old/{i:08d}.png" for i in range(start, start + count)]
+            writer.add(synthetic_rows(paths, rng.random((count, 64), np.float32)))
             writer.commit()
 
 

@@ -39,9 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from continue_file import synthetic_rows  # noqa: E402
 from run import show_and_record  # noqa: E402
 
-from vggfeat.output import FeatureSet, Layout, Rows, Settings, create, writing  # noqa: E402
+from vggfeat.output import FeatureSet, Layout, Settings, create, writing  # noqa: E402
 
 CUTS = ("conv5_3", "pool5", "fc7")
 MAP = (14, 14, 512)
@@ -110,18 +111,8 @@ def make_large_file(path: Path, gigabytes: float) -> None:
     with writing(path) as writer:
         for start in range(0, rows, block):
             count = min(block, rows - start)
-            writer.add(
-                Rows(
-                    paths=[f"photos/{i:08d}.jpg" for i in range(start, start + count)],
-                    size=np.full(count, 1000, np.int64),
-                    mtime_ns=np.full(count, 1, np.int64),
-                    features=(rng.random((count, *MAP), np.float32),),
-                    failed_paths=[],
-                    failed_reasons=[],
-                    failed_size=np.zeros(0, np.int64),
-                    failed_mtime_ns=np.zeros(0, np.int64),
-                )
-            )
+            paths = [f"photos/{i:08d}.jpg" for i in range(start, start + count)]
+            writer.add(synthetic_rows(paths, rng.random((count, *MAP), np.float32)))
             writer.commit()
 
 

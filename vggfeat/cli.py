@@ -7,14 +7,11 @@ TensorFlow is not imported on the way to ``--help`` or an argument error.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
-import signal
 import sys
 import time
-from collections.abc import Iterator
 from enum import IntEnum
 from typing import Any
 
@@ -247,29 +244,6 @@ def _print_info(architecture: Architecture, catalogue: Catalogue) -> None:
         console.print(f"ImageNet weights for {entry['serves']}: {entry['path']} ({state})")
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, stopping a command as Ctrl-C does."""
-
-
-@contextlib.contextmanager
-def _stopped_by_signals() -> Iterator[None]:
-    """SIGTERM stops the command as Ctrl-C does, so that it cleans up; a file-size limit
-    fails a write (an error naming the file) instead of killing the process."""
-
-    def terminate(_signum, _frame):
-        raise _Terminated
-
-    previous = {
-        signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
-        signal.SIGXFSZ: signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
-    }
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
 def _raise_broken_pipe() -> None:
     raise BrokenPipeError
 
@@ -394,8 +368,10 @@ def export(file, format_, output, layer, normalize, no_paths, no_header, paths_t
         )
     if paths_to == "-" and to_stdout:
         raise _BadOption("--paths-to - and -o - both name standard output; give one a file")
+    from vggfeat.pipeline import Terminated, stopping_on_signals
+
     try:
-        with _stopped_by_signals():
+        with stopping_on_signals():
             exported = run_export(
                 file,
                 sys.stdout.buffer if to_stdout else output,
@@ -406,10 +382,10 @@ def export(file, format_, output, layer, normalize, no_paths, no_header, paths_t
                 header=not no_header,
                 paths_to=sys.stdout.buffer if paths_to == "-" else paths_to,
             )
-    except KeyboardInterrupt as stop:
+    except (KeyboardInterrupt, Terminated) as stop:
         written = "" if to_stdout else f" {output} was not written."
         click.echo(f"Stopped.{written}", err=True)
-        sys.exit(ExitCode.TERMINATED if isinstance(stop, _Terminated) else ExitCode.INTERRUPTED)
+        sys.exit(ExitCode.TERMINATED if isinstance(stop, Terminated) else ExitCode.INTERRUPTED)
     shape = "x".join(map(str, exported.shape))
     if exported.pending:
         click.echo(

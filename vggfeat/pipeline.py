@@ -246,7 +246,7 @@ def extract(
     )
     running = None
     drive = _Driver(store, on_progress)
-    with _signals(), pixel_limit(max_pixels):
+    with stopping_on_signals(), pixel_limit(max_pixels):
         try:
             pruned = _pruned(store, yes) if prune else set()
             work, already = _plan(store, paths, update)
@@ -493,8 +493,9 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _signals():
-    """SIGTERM stops the run like Ctrl-C; a file-size limit fails a write instead of killing us."""
+def stopping_on_signals():
+    """SIGTERM raises ``Terminated``, so that work stops as on Ctrl-C and cleans up; a
+    file-size limit fails a write (an error naming the file) instead of killing us."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
