@@ -208,9 +208,11 @@ def test_show_refuses_other_files_in_one_line(tmp_path):
     )
 
 
-def test_progress_without_a_terminal_says_the_time_left(capsys):
+def test_progress_without_a_terminal_says_the_time_left(capsys, monkeypatch):
     from vggfeat.cli import _ProgressView
     from vggfeat.pipeline import Progress
+
+    monkeypatch.setattr(_ProgressView, "PLAIN_EVERY", 0.0)  # a line per update
 
     with _ProgressView(quiet=False) as view:
         view.update(Progress(done=0, failed=0, total=1000, elapsed=0.0, already=256))
@@ -222,3 +224,27 @@ def test_progress_without_a_terminal_says_the_time_left(capsys):
         "100/1,000 images, 5.0 images/s, 2 failed, 3 min left",  # 900 images at 5 a second
         "1,000/1,000 images, 5.0 images/s, 2 failed",
     ]
+
+
+def test_extract_carries_on_when_the_reader_of_its_messages_goes_away(tmp_path):
+    import h5py
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    for index in range(3):
+        Image.new("RGB", (40, 30), (index * 60, 90, 200)).save(tmp_path / "photos" / f"{index}.png")
+    reader, writer = os.pipe()
+    os.close(reader)  # as '2>&1 | head -1' once head has gone
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "vggfeat", "extract", str(tmp_path / "photos"), "-o",
+             str(tmp_path / "f.h5"), "--layer", "conv1_1", "--pool", "avg", "--image-size",
+             "32", "--weights", "random"],
+            stdout=subprocess.DEVNULL,
+            stderr=writer,
+        )  # fmt: skip
+    finally:
+        os.close(writer)
+    assert result.returncode == 0
+    with h5py.File(tmp_path / "f.h5") as file:
+        assert file["committed"][0] == 3

@@ -378,7 +378,7 @@ def test_outputs_that_would_overwrite_the_input_or_each_other_are_refused(
     for args in (
         ["-o", "x.csv", "--paths-to", "x.csv"],
         ["-o", "x.csv", "--paths-to", "./x.csv"],
-        ["--format", "csv", "--paths-to", "-"],
+        ["-o", "sub/", "--format", "csv"],
         ["-o", str(flat.parent / "." / flat.name), "--format", "npy"],
     ):
         result = run(str(flat), "--layer", "conv1_1", *args)
@@ -392,11 +392,11 @@ def test_outputs_that_would_overwrite_the_input_or_each_other_are_refused(
     assert not (tmp_path / "pending.h5").exists()
 
 
-def test_paths_to_standard_output_with_the_features_in_a_file(flat, tmp_path):
-    paths, values = stored(flat, "conv1_1")
+def test_paths_to_takes_a_file_not_standard_output(flat, tmp_path):
+    # A reader that closes the pipe of paths early would leave the features unwritten.
     result = run(str(flat), "--layer", "conv1_1", "-o", str(tmp_path / "x.npy"), "--paths-to", "-")
-    assert [tsv_unescape(line) for line in result.stdout_bytes.decode().splitlines()] == paths
-    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), values)
+    assert result.exit_code == 2 and "--paths-to takes a file name" in result.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_layer_is_found_by_its_keras_name_too(flat):
@@ -442,3 +442,61 @@ def test_sigterm_stops_an_export_and_removes_its_partial_file(maps, tmp_path):
     assert process.wait(timeout=60) == 143
     assert process.stderr.read().decode().strip().endswith("Stopped.")
     assert os.listdir(tmp_path) == []
+
+
+def test_nothing_is_written_inside_the_work_folder_of_a_run(tmp_path):
+    photos = make_folder(tmp_path / "photos", [f"{i}.png" for i in range(6)])
+    output = tmp_path / "pending.h5"
+    stop_after(4, photos, output)
+    before = sorted(os.listdir(tmp_path / "pending.h5.parts"))
+    part = tmp_path / "pending.h5.parts" / before[0]
+    for args in (["-o", str(part)], ["-o", str(tmp_path / "x.npy"), "--paths-to", str(part)]):
+        result = run(str(output), "--format", "npy", *args)
+        assert result.exit_code == 2 and "vggfeat's own work" in result.stderr
+    assert sorted(os.listdir(tmp_path / "pending.h5.parts")) == before
+
+
+def test_a_failed_export_replaces_neither_output(flat, tmp_path, monkeypatch):
+    keep = tmp_path / "paths.txt"
+    keep.write_text("old")
+    real_flush = export_module._Named.flush
+
+    def full_disk(self):
+        if self._shown.endswith(".csv"):
+            with export_module._naming(self._shown):
+                raise OSError(28, "No space left on device")
+        real_flush(self)
+
+    monkeypatch.setattr(export_module._Named, "flush", full_disk)
+    result = run(
+        str(flat), "--layer", "conv1_1", "-o", str(tmp_path / "x.csv"), "--paths-to", str(keep)
+    )
+    assert result.exit_code == 1
+    assert (
+        result.stderr.strip()
+        == f"Error: cannot write {tmp_path / 'x.csv'}: No space left on device"
+    )
+    assert keep.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["paths.txt"]
+
+
+def test_a_damaged_part_is_one_line_for_every_command(tmp_path):
+    photos = make_folder(tmp_path / "photos", [f"{i}.png" for i in range(6)])
+    output = tmp_path / "pending.h5"
+    stop_after(4, photos, output)
+    part = sorted((tmp_path / "pending.h5.parts").glob("part-*.npz"))[0]
+    os.truncate(part, 500)
+    runner = CliRunner()
+    for args in (["show", str(output)], ["export", str(output), "--format", "csv"],
+                 ["extract", str(photos), "-o", str(output), "--layer", "pool1", "--pool", "avg",
+                  "--image-size", "32", "--weights", "random"]):  # fmt: skip
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 1, args
+        assert result.stderr.strip().splitlines() == [
+            f"Error: {part} is damaged (File is not a zip file); delete it, and extract "
+            "computes its images again"
+        ], args
+
+
+def test_extract_refuses_an_output_name_too_long_for_its_work_folder(tmp_path):
+    result = CliRunner().invoke(cli, ["extract", "photos", "-o", str(tmp_path / ("a" * 250))])
+    assert result.exit_code == 2 and "the file name is too long" in result.stderr

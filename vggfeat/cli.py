@@ -82,6 +82,11 @@ def _drop_stdout() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _drop_stderr() -> None:
+    """Standard error's reader went away: later messages go to /dev/null."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+
+
 def depth_option(command):
     return click.option(
         "--depth",
@@ -333,8 +338,7 @@ def show(file: str, list_failed: bool, as_json: bool) -> None:
     "--paths-to",
     type=click.Path(dir_okay=False),
     metavar="FILE",
-    help="Also write each row's path to FILE ('-': stdout), one a line (tsv-escaped), "
-    "aligned with the rows.",
+    help="Also write each row's path to FILE, one a line (tsv-escaped), aligned with the rows.",
 )
 def export(file, format_, output, layer, normalize, no_paths, no_header, paths_to) -> None:
     """Write one layer of a features file as npy, csv, tsv, jsonl, fvecs or parquet.
@@ -366,9 +370,9 @@ def export(file, format_, output, layer, normalize, no_paths, no_header, paths_t
         raise _BadOption(
             f"{format_} is binary and standard output is a terminal: pipe it, or give -o FILE"
         )
-    if paths_to == "-" and to_stdout:
-        raise _BadOption("--paths-to - and -o - both name standard output; give one a file")
-    from vggfeat.pipeline import Terminated, stopping_on_signals
+    if paths_to == "-":
+        raise _BadOption("--paths-to takes a file name; the text formats write paths to stdout")
+    from vggfeat.interrupts import Terminated, stopping_on_signals
 
     try:
         with stopping_on_signals():
@@ -380,7 +384,7 @@ def export(file, format_, output, layer, normalize, no_paths, no_header, paths_t
                 normalize=normalize,
                 paths=not no_paths,
                 header=not no_header,
-                paths_to=sys.stdout.buffer if paths_to == "-" else paths_to,
+                paths_to=paths_to,
             )
     except (KeyboardInterrupt, Terminated) as stop:
         written = "" if to_stdout else f" {output} was not written."
@@ -631,7 +635,10 @@ def extract(inputs, output, files_from, strict, quiet, **options) -> None:
         click.echo(f"Stopped. {kept}", err=True)
         sys.exit(stop.exit_code)
     if not quiet:
-        _print_summary(summary)
+        try:
+            _print_summary(summary)
+        except BrokenPipeError:
+            _drop_stderr()
     if strict and summary.failures:
         sys.exit(ExitCode.SOME_FAILED)
 
@@ -646,9 +653,10 @@ class _ProgressView:
 
         self.quiet = quiet
         self.console = Console(stderr=True)
+        self.console.on_broken_pipe = _raise_broken_pipe  # rich's own exits 1
         self.bar = None
         self.task = None
-        self.last_line = 0.0
+        self.last_line = time.monotonic()  # the first line when there is a rate to show
 
     def __enter__(self) -> _ProgressView:
         if not self.quiet and self.console.is_terminal:
@@ -682,8 +690,17 @@ class _ProgressView:
             self.bar = None
 
     def update(self, progress) -> None:
+        """Show ``progress``; a reader of stderr that went away (| head) stops the messages,
+        never the run."""
         if self.quiet:
             return
+        try:
+            self._show(progress)
+        except BrokenPipeError:
+            _drop_stderr()
+            self.quiet = True
+
+    def _show(self, progress) -> None:
         if progress.done == 0:
             if progress.already and progress.total:
                 self.console.print(
@@ -731,6 +748,7 @@ def _print_summary(summary) -> None:
     from rich.console import Console
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console.on_broken_pipe = _raise_broken_pipe
     timings = summary.timings
     failed = len(summary.failures)
     if not summary.assembled:

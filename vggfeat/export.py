@@ -30,7 +30,7 @@ import numpy as np
 from vggfeat.architecture import vgg
 from vggfeat.errors import OptionError, VggfeatError
 from vggfeat.output import OutputError
-from vggfeat.store import FeatureFile, open_features, output_path
+from vggfeat.store import FeatureFile, open_features, output_path, parts_folder
 
 #: About this many bytes of features are read, converted and written at a time.
 CHUNK_BYTES = 16 << 20
@@ -278,6 +278,10 @@ def export(
                     lines = "".join(tsv_field(p) + "\n" for p in chunk_paths)
                     paths_stream.write(lines.encode("utf-8"))
             writer.end()
+            # Both outputs whole before either is renamed into place: both, or neither.
+            for written in (stream, paths_stream):
+                if written is not None:
+                    written.flush()
         return Exported(rows, name, shape, str(dtype), format, file.pending)
 
 
@@ -371,18 +375,25 @@ def _written(target: str | os.PathLike | IO[bytes] | None) -> Iterator[IO[bytes]
         return
     shown = os.fspath(target)
     if not _regular_or_new(shown):
-        with _naming(shown), open(shown, "wb") as stream:
+        with _naming(shown):
+            stream = open(shown, "wb")  # noqa: SIM115
+        with stream:
             yield _Named(stream, shown)
+            with _naming(shown):
+                stream.flush()
         return
     final = Path(os.path.realpath(shown))
     digest = hashlib.sha256(os.fsencode(final.name)).hexdigest()[:16]
     partial = final.with_name(f".vggfeat-export-{digest}.partial")
     stream = _claim(partial, shown)
+    with contextlib.suppress(OSError):  # a file replaced keeps its permissions
+        os.chmod(partial, stat.S_IMODE(os.stat(final).st_mode))
     try:
-        with _naming(shown), stream:
+        with stream:
             yield _Named(stream, shown)
-            stream.flush()
-            os.replace(partial, final)  # while still holding the claim
+            with _naming(shown):
+                stream.flush()
+                os.replace(partial, final)  # while still holding the claim
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -391,8 +402,10 @@ def _written(target: str | os.PathLike | IO[bytes] | None) -> Iterator[IO[bytes]
 def _regular_or_new(path: str) -> bool:
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
+    except FileNotFoundError:
         return True  # not there yet (or a dangling symlink): a new file
+    except OSError as error:  # a symlink loop, say
+        raise VggfeatError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def _claim(partial: Path, shown: str) -> IO[bytes]:
@@ -448,9 +461,14 @@ class _Named:
 def _check_targets(source: Path, out, paths_to) -> None:
     """Refuse outputs that would overwrite the file being read, or each other."""
     named = [os.fspath(t) for t in (out, paths_to) if isinstance(t, str | os.PathLike)]
+    work = os.path.realpath(parts_folder(source))
     for target in named:
+        if target.endswith(os.sep):
+            raise OptionError(f"{target} names a folder; name the file to write")
         if _same_path(target, source):
             raise OptionError(f"{target} is the file being exported; name another")
+        if os.path.realpath(target).startswith(work + os.sep):
+            raise OptionError(f"{target} is inside {parts_folder(source)}, vggfeat's own work")
     if len(named) == 2 and _same_path(*named):
         raise OptionError(f"-o and --paths-to both name {named[0]}; name two files")
 

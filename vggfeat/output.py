@@ -331,12 +331,21 @@ def writing(path: os.PathLike | str) -> Iterator[OutputWriter]:
     import h5py
 
     try:
-        file = h5py.File(path, "r+", libver="latest")
+        try:
+            file = h5py.File(path, "r+", libver="latest")
+        except OSError as error:
+            if "already open for write" not in str(error):
+                raise
+            _clear_open_flag(path)
+            file = h5py.File(path, "r+", libver="latest")
     except OSError as error:
-        if "already open for write" not in str(error):
+        if "unable to lock file" not in str(error):
             raise
-        _clear_open_flag(path)
-        file = h5py.File(path, "r+", libver="latest")
+        raise OutputError(
+            f"{path} is open in another program, whose HDF5 lock keeps it from being "
+            "changed; close that program (vggfeat.open and vggfeat export do not lock) and "
+            "run the same command again: completed work is kept"
+        ) from None
     try:
         file.swmr_mode = True
         yield OutputWriter(file)
@@ -386,12 +395,14 @@ def open_hdf5(path: os.PathLike | str):
     """An h5py file for reading, also while a writer appends or after one was killed."""
     import h5py
 
+    # Without HDF5's lock: a reader must never keep a run from appending. (Opened plainly
+    # first: SWMR reading would not notice a truncated file.)
     try:
-        return h5py.File(path, "r")
+        return h5py.File(path, "r", locking=False)
     except OSError as error:
         if "already open for write" not in str(error):
             raise
-        return h5py.File(path, "r", swmr=True)
+        return h5py.File(path, "r", swmr=True, locking=False)
 
 
 def feature_names(file) -> list[str]:

@@ -14,9 +14,7 @@ import json
 import math
 import os
 import shlex
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from vggfeat.images import (
     discover,
     pixel_limit,
 )
+from vggfeat.interrupts import Terminated, stopping_on_signals
 from vggfeat.network import PRECISIONS, PREPROCESSING, Cut, compute_dtype
 from vggfeat.runtime import choose_device, default_backend, require
 from vggfeat.store import (
@@ -475,10 +474,6 @@ def _pruned(store: FeatureStore, yes: bool) -> set[str]:
     return gone
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived; the run stops as on Ctrl-C."""
-
-
 class Interrupted(KeyboardInterrupt):
     """A run stopped by Ctrl-C or SIGTERM after committing its completed work.
 
@@ -490,28 +485,6 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(exit_code, parts)
         self.exit_code = exit_code
         self.parts = parts
-
-
-@contextlib.contextmanager
-def stopping_on_signals():
-    """SIGTERM raises ``Terminated``, so that work stops as on Ctrl-C and cleans up; a
-    file-size limit fails a write (an error naming the file) instead of killing us."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(_signum, _frame):
-        raise Terminated
-
-    previous = {
-        signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
-        signal.SIGXFSZ: signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
-    }
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 def _feature_sets(catalogue, cuts: list[Cut], pool: str) -> list[FeatureSet]:
@@ -570,6 +543,9 @@ def _check_output_name(output: str | os.PathLike) -> None:
         )
     if name.endswith(os.sep):
         raise OptionError(f"-o {name} names a folder; name the HDF5 file to write in it")
+    longest = 255 - len(".parts")  # the work folder beside the output must fit too
+    if len(os.fsencode(os.path.basename(name))) > longest:
+        raise OptionError(f"-o {name}: the file name is too long; use at most {longest} bytes")
     if Path(name).suffix.lower() not in OTHER_FORMATS:
         return
     stem = Path(name).with_suffix("")

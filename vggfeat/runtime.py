@@ -27,6 +27,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from vggfeat.errors import OptionError, VggfeatError
+from vggfeat.interrupts import signals_deferred
 
 BACKENDS = ("tensorflow", "jax")
 BACKEND_NAMES = {"tensorflow": "TensorFlow", "jax": "JAX"}
@@ -147,9 +148,13 @@ def library(backend: str):
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """Libraries' start-up notes on file descriptor 2 muted, unless the user asks for them."""
+    """A library's import: its start-up notes on file descriptor 2 muted, unless the user
+    asks for them, and Ctrl-C or SIGTERM held until it is done. An import stopped midway
+    leaves a half-made module that the next import trips on, and a KeyboardInterrupt
+    raised in a finaliser there is printed (to the muted stderr) and lost."""
     level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
-    with muted_stderr(enabled=level is None or level.strip() not in ("0", "1")):
+    quiet = level is None or level.strip() not in ("0", "1")
+    with signals_deferred(), muted_stderr(enabled=quiet):
         if level is None:
             os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
         try:

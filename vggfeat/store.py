@@ -33,11 +33,10 @@ import json
 import os
 import re
 import shutil
-import signal
 import stat
-import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -48,6 +47,7 @@ import numpy as np
 
 from vggfeat.errors import OptionError
 from vggfeat.images import Failure, Source
+from vggfeat.interrupts import signals_deferred
 from vggfeat.output import (
     FORMAT_VERSION,
     Column,
@@ -377,7 +377,7 @@ class FeatureStore:
         """
         if not len(self._buffer):
             return
-        with _signals_deferred():
+        with signals_deferred():
             buffer = self._buffer
             arrays = self._part_arrays(buffer)
             need = sum(a.nbytes for a in arrays.values()) + RESERVE_BYTES
@@ -520,7 +520,7 @@ class _Assembler:
     def _append(self, writer) -> Assembly:
         rows, replaced = writer.rows, self._replaced(writer.row_of)
         for part in self.parts:
-            with _signals_deferred():
+            with signals_deferred():
                 writer.add(self._latest(part))
                 writer.commit()
                 part.unlink()
@@ -876,7 +876,7 @@ def _take_lock(path: Path):
 
 def _read_part(part: Path, features: int = 0) -> Rows:
     """A part's rows and failures, with its first ``features`` feature arrays."""
-    with np.load(part) as data:
+    with _part_errors(part), np.load(part) as data:
         return Rows(
             paths=data["paths"].tolist(),
             size=data["size"],
@@ -889,32 +889,27 @@ def _read_part(part: Path, features: int = 0) -> Rows:
         )
 
 
+@contextlib.contextmanager
+def _part_errors(part: Path) -> Iterator[None]:
+    """A part gone (a finishing run deleted it) or damaged, as one line saying what to do."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise OutputError(
+            f"{part.parent} changed while it was read (a run is finishing its output); "
+            "run the command again"
+        ) from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise OutputError(
+            f"{part} is damaged ({error}); delete it, and extract computes its images again"
+        ) from None
+
+
 def _strings(values: list[str]) -> np.ndarray:
     return np.array(values, dtype=str) if values else np.zeros(0, dtype="<U1")
 
 
 # Writing safely -------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until the block is done, then deliver them (main thread only).
-
-    Masking the signal would not do: the process's other threads would take it.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {number: signal.signal(number, lambda n, _: caught.append(n)) for number in held}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        for number in dict.fromkeys(caught):
-            signal.raise_signal(number)
 
 
 def _write_atomically(target: Path, write: Callable[[Any], None], output: Path) -> None:
@@ -1123,7 +1118,7 @@ class _PartColumn:
     new: np.ndarray
 
     def __call__(self, rows: slice) -> np.ndarray:
-        with np.load(self.part) as data:
+        with _part_errors(self.part), np.load(self.part) as data:
             return data[self.name][self.new[rows]]
 
 
