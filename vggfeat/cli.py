@@ -747,7 +747,9 @@ def _count(number: int, noun: str) -> str:
 def _print_summary(summary) -> None:
     from rich.console import Console
 
-    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    from vggfeat.export import tsv_field
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
     console.on_broken_pipe = _raise_broken_pipe
     timings = summary.timings
     failed = len(summary.failures)
@@ -787,7 +789,9 @@ def _print_summary(summary) -> None:
             f"pass --batch-size {summary.batch_size} next time."
         )
     for failure in summary.failures[:5]:
-        console.print(f"  failed: {failure.path}: {failure.reason}")
+        # As /failed and 'show --failed' write it: one line, undecodable bytes as \xNN.
+        path = failure.path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        console.print(f"  failed: {tsv_field(path)}: {tsv_field(failure.reason)}")
     if len(summary.failures) > 5:
         console.print(f"  ... and {len(summary.failures) - 5:,} more, listed in /failed.")
     console.print(

@@ -941,7 +941,7 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def _write_error(error: Exception, output: Path, target: Path) -> OutputError:
-    kept = f"completed work is kept in {parts_folder(output)}"
+    kept = _kept(output)
     code = getattr(error, "errno", None)
     if code is None:  # HDF5 puts the system's errno in its message
         found = re.search(r"errno = (\d+)", str(error))
@@ -970,9 +970,16 @@ def _require_space(folder: Path, need: int, output: Path, purpose: str) -> None:
     if free < need:
         raise OutputError(
             f"not enough free space to {purpose}: {_size(free)} free on the disk holding "
-            f"{output}, about {_size(need)} needed; completed work is kept in "
-            f"{parts_folder(output)}: free some space and run the same command to continue"
+            f"{output}, about {_size(need)} needed; {_kept(output)}: free some space and run "
+            "the same command to continue"
         )
+
+
+def _kept(output: Path) -> str:
+    """Where this run's completed work waits, if it has any yet."""
+    if any(parts_folder(output).glob("part-*.npz")):
+        return f"completed work is kept in {parts_folder(output)}"
+    return "no image of this run was finished yet"
 
 
 def _size(count: float) -> str:
