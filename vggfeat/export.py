@@ -235,9 +235,11 @@ def export(
 ) -> Exported:
     """Write one layer of the vggfeat file at ``path`` to ``out`` as ``format``.
 
-    ``out`` is a binary stream (``sys.stdout.buffer``) or a path, written to a
-    temporary file beside it and renamed into place when complete. ``layer``
-    may be left out when the file holds one. ``normalize="l2"`` scales each
+    ``out`` is a binary stream (``sys.stdout.buffer``) or a path: a regular
+    file is written under a temporary name beside it and renamed into place
+    when complete (with ``paths_to``: both files, or neither), a device or
+    FIFO straight through. ``layer`` may be left out when the file holds one,
+    and may be any name of the layer (``fc2`` for ``fc7``). ``normalize="l2"`` scales each
     (flattened) row to unit length, in float32; an all-zero row stays zero.
     ``paths=False`` leaves the path column out of the text and Parquet
     formats; ``header=False`` the header line out of csv and tsv.
@@ -262,7 +264,7 @@ def export(
             dtype = np.dtype(np.float32) if normalize else writer.dtype(stored)
             rows = len(column)
             writer.begin(rows, dtype)
-            # Text takes about ten times the room of the values while it is formatted.
+            # Text takes several times the room of the values while it is formatted.
             budget = CHUNK_BYTES // (1 if writer.binary_values else 8)
             for start, stop in _chunks(rows, math.prod(shape) * dtype.itemsize, budget):
                 try:
