@@ -26,6 +26,7 @@ from PIL import Image
 from tests.test_store import stop_after
 from vggfeat import export as export_module
 from vggfeat.cli import cli
+from vggfeat.errors import VggfeatError
 from vggfeat.pipeline import extract
 from vggfeat.store import open_features
 
@@ -450,7 +451,11 @@ def test_nothing_is_written_inside_the_work_folder_of_a_run(tmp_path):
     stop_after(4, photos, output)
     before = sorted(os.listdir(tmp_path / "pending.h5.parts"))
     part = tmp_path / "pending.h5.parts" / before[0]
-    for args in (["-o", str(part)], ["-o", str(tmp_path / "x.npy"), "--paths-to", str(part)]):
+    for args in (
+        ["-o", str(part)],
+        ["-o", str(tmp_path / "x.npy"), "--paths-to", str(part)],
+        ["-o", str(tmp_path / "pending.h5.parts" / "new.npy")],
+    ):
         result = run(str(output), "--format", "npy", *args)
         assert result.exit_code == 2 and "vggfeat's own work" in result.stderr
     assert sorted(os.listdir(tmp_path / "pending.h5.parts")) == before
@@ -484,17 +489,83 @@ def test_a_damaged_part_is_one_line_for_every_command(tmp_path):
     output = tmp_path / "pending.h5"
     stop_after(4, photos, output)
     part = sorted((tmp_path / "pending.h5.parts").glob("part-*.npz"))[0]
-    os.truncate(part, 500)
+    good = part.read_bytes()
+    with np.load(part) as data:
+        arrays = dict(data)
+
+    def truncated():
+        os.truncate(part, 500)
+
+    def fifo():
+        part.unlink()
+        os.mkfifo(part)  # np.load would wait for a writer for ever
+
+    def npy_not_npz():
+        np.save(part.with_suffix(""), np.zeros(3))
+        os.replace(part.with_suffix(".npy"), part)
+
+    def rows_disagree():
+        np.savez(part, **{**arrays, "features_0": arrays["features_0"][:1]})
+
+    def dangling_symlink():
+        part.unlink()
+        part.symlink_to(tmp_path / "nowhere.npz")
+
     runner = CliRunner()
-    for args in (["show", str(output)], ["export", str(output), "--format", "csv"],
-                 ["extract", str(photos), "-o", str(output), "--layer", "pool1", "--pool", "avg",
-                  "--image-size", "32", "--weights", "random"]):  # fmt: skip
-        result = runner.invoke(cli, args)
-        assert result.exit_code == 1, args
-        assert result.stderr.strip().splitlines() == [
-            f"Error: {part} is damaged (File is not a zip file); delete it, and extract "
-            "computes its images again"
-        ], args
+    commands = (["show", str(output)], ["export", str(output), "--format", "csv"],
+                ["extract", str(photos), "-o", str(output), "--layer", "pool1", "--pool", "avg",
+                 "--image-size", "32", "--weights", "random"])  # fmt: skip
+    for damage in (truncated, fifo, npy_not_npz, rows_disagree, dangling_symlink):
+        damage()
+        for args in commands[1:] if damage is rows_disagree else commands:  # show reads no rows
+            result = runner.invoke(cli, args)
+            assert result.exit_code == 1, (damage.__name__, args)
+            # extract may first do the images left and meet the part when it assembles.
+            lines = [ln for ln in result.stderr.strip().splitlines() if not ln[0].isdigit()]
+            assert len(lines) == 1, (damage.__name__, args, lines)
+            line = lines[0]
+            assert line.startswith(f"Error: {part} is damaged (") and line.endswith(
+                "); delete it, and extract computes its images again"
+            ), (damage.__name__, args, line)
+        part.unlink()
+        part.write_bytes(good)
+
+
+def test_a_file_whose_counts_exceed_its_rows_is_damaged(flat, tmp_path):
+    copy = tmp_path / "copy.h5"
+    copy.write_bytes(flat.read_bytes())
+    with h5py.File(copy, "r+") as file:
+        file["committed"][0] = 100
+    for args in (
+        ["show", str(copy)],
+        ["export", str(copy), "--layer", "conv1_1", "--format", "npy"],
+    ):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and "is damaged" in result.stderr, args
+    assert CliRunner().invoke(cli, ["show", ""]).exit_code == 2
+
+
+def test_short_writes_are_finished_and_a_write_that_takes_nothing_is_an_error():
+    class Trickle(io.BytesIO):
+        def write(self, data):
+            return super().write(bytes(data[:7]))  # a full disk takes part of a write
+
+    stream = Trickle()
+    export_module._Named(stream, "out").write(b"0123456789" * 5)
+    assert stream.getvalue() == b"0123456789" * 5
+
+    class Full(io.BytesIO):
+        def write(self, data):
+            return 0
+
+    with pytest.raises(VggfeatError, match="cannot write out: no more bytes could be written"):
+        export_module._Named(Full(), "out").write(b"x")
+
+
+def test_messages_show_names_without_terminal_codes():
+    from vggfeat.cli import _printable
+
+    assert _printable("a\x1b[31mb\tc\nd\\e\x9b") == "a\\x1b[31mb\\tc\\nd\\\\e\\x9b"
 
 
 def test_extract_refuses_an_output_name_too_long_for_its_work_folder(tmp_path):

@@ -286,8 +286,10 @@ def show(file: str, list_failed: bool, as_json: bool) -> None:
         click.echo(json.dumps(facts["failed"], indent=2, ensure_ascii=False))
         return
     if list_failed:
+        # Written as is: click.echo would strip what looks like a terminal colour code
+        # from a name when piped, and print a path that does not exist.
         for path, reason in facts["failed"].items():
-            click.echo(f"{tsv_field(path)}\t{tsv_field(reason)}")
+            sys.stdout.write(f"{tsv_field(path)}\t{tsv_field(reason)}\n")
         return
     facts["failed"] = facts.pop("failures_by_reason")
     if as_json:
@@ -362,6 +364,8 @@ def export(file, format_, output, layer, normalize, no_paths, no_header, paths_t
     from vggfeat.export import format_of, is_binary
 
     to_stdout = output == "-"
+    if to_stdout and sys.stdout is None:
+        raise click.ClickException("standard output is closed: give -o FILE")
     format_ = format_ or (None if to_stdout else format_of(output))
     if format_ is None:
         where = "standard output" if to_stdout else f"-o {output}"
@@ -386,6 +390,13 @@ def export(file, format_, output, layer, normalize, no_paths, no_header, paths_t
                 header=not no_header,
                 paths_to=paths_to,
             )
+    except BrokenPipeError:
+        if paths_to:
+            click.echo(
+                f"Note: the reader of standard output stopped early; {paths_to} was not written.",
+                err=True,
+            )
+        raise
     except (KeyboardInterrupt, Terminated) as stop:
         written = "" if to_stdout else f" {output} was not written."
         click.echo(f"Stopped.{written}", err=True)
@@ -740,6 +751,16 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def _printable(text: str) -> str:
+    """``text`` for a message: tab, newline and backslash as in tsv, other control
+    characters (a terminal's escape codes) as ``\\xNN``."""
+    from vggfeat.export import tsv_field
+
+    return "".join(
+        f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in tsv_field(text)
+    )
+
+
 def _count(number: int, noun: str) -> str:
     return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
@@ -747,9 +768,7 @@ def _count(number: int, noun: str) -> str:
 def _print_summary(summary) -> None:
     from rich.console import Console
 
-    from vggfeat.export import tsv_field
-
-    console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
     console.on_broken_pipe = _raise_broken_pipe
     timings = summary.timings
     failed = len(summary.failures)
@@ -789,9 +808,9 @@ def _print_summary(summary) -> None:
             f"pass --batch-size {summary.batch_size} next time."
         )
     for failure in summary.failures[:5]:
-        # As /failed and 'show --failed' write it: one line, undecodable bytes as \xNN.
+        # One line, undecodable bytes as \xNN, no control character reaching the terminal.
         path = failure.path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        console.print(f"  failed: {tsv_field(path)}: {tsv_field(failure.reason)}")
+        console.print(f"  failed: {_printable(path)}: {_printable(failure.reason)}")
     if len(summary.failures) > 5:
         console.print(f"  ... and {len(summary.failures) - 5:,} more, listed in /failed.")
     console.print(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import fcntl
 import hashlib
 import json
@@ -379,7 +380,7 @@ def _written(target: str | os.PathLike | IO[bytes] | None) -> Iterator[IO[bytes]
     if not _regular_or_new(shown):
         with _naming(shown):
             stream = open(shown, "wb")  # noqa: SIM115
-        with stream:
+        with _closed(stream):
             yield _Named(stream, shown)
             with _naming(shown):
                 stream.flush()
@@ -391,7 +392,7 @@ def _written(target: str | os.PathLike | IO[bytes] | None) -> Iterator[IO[bytes]
     with contextlib.suppress(OSError):  # a file replaced keeps its permissions
         os.chmod(partial, stat.S_IMODE(os.stat(final).st_mode))
     try:
-        with stream:
+        with _closed(stream):
             yield _Named(stream, shown)
             with _naming(shown):
                 stream.flush()
@@ -399,6 +400,19 @@ def _written(target: str | os.PathLike | IO[bytes] | None) -> Iterator[IO[bytes]
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def _closed(stream: IO[bytes]) -> Iterator[None]:
+    """Close ``stream`` after the block; after a failed write, quietly (closing would
+    flush what did not fit again, and raise again)."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            stream.close()
+        raise
+    stream.close()
 
 
 def _regular_or_new(path: str) -> bool:
@@ -448,8 +462,15 @@ class _Named:
         self._shown = shown
 
     def write(self, data) -> int:
+        # A full disk can take part of a large write and say so only in the count.
+        view = memoryview(data).cast("B")
         with _naming(self._shown):
-            return self._stream.write(data)
+            while view:
+                written = self._stream.write(view)
+                if not written:
+                    raise OSError(errno.ENOSPC, "no more bytes could be written")
+                view = view[written:]
+        return len(data)
 
     def flush(self) -> None:
         with _naming(self._shown):
@@ -463,14 +484,14 @@ class _Named:
 def _check_targets(source: Path, out, paths_to) -> None:
     """Refuse outputs that would overwrite the file being read, or each other."""
     named = [os.fspath(t) for t in (out, paths_to) if isinstance(t, str | os.PathLike)]
-    work = os.path.realpath(parts_folder(source))
     for target in named:
         if target.endswith(os.sep):
             raise OptionError(f"{target} names a folder; name the file to write")
         if _same_path(target, source):
             raise OptionError(f"{target} is the file being exported; name another")
-        if os.path.realpath(target).startswith(work + os.sep):
-            raise OptionError(f"{target} is inside {parts_folder(source)}, vggfeat's own work")
+        folder = Path(os.path.realpath(target)).parent
+        if _same_path(folder, parts_folder(source)) or (folder / "run.json").exists():
+            raise OptionError(f"{target} is inside a .parts folder, vggfeat's own work")
     if len(named) == 2 and _same_path(*named):
         raise OptionError(f"-o and --paths-to both name {named[0]}; name two files")
 

@@ -412,10 +412,12 @@ def feature_names(file) -> list[str]:
 
 def committed(file) -> tuple[int, int]:
     """(rows, failures) a file holds; older formats hold exactly their datasets' lengths."""
-    if "committed" in file:
-        rows, failures = file["committed"][()]
-        return int(rows), int(failures)
-    return len(file["paths"]), len(file["failed/paths"])
+    if "committed" not in file:
+        return len(file["paths"]), len(file["failed/paths"])
+    rows, failures = (int(count) for count in file["committed"][()])
+    if not (0 <= rows <= len(file["paths"]) and 0 <= failures <= len(file["failed/paths"])):
+        raise ValueError(f"/committed says {rows} rows and {failures} failures, more than held")
+    return rows, failures
 
 
 def read_strings(dataset, count: int) -> list[str]:

@@ -129,6 +129,10 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
+class OutputChanged(OutputError):
+    """A part vanished while being read: a run finished the output meanwhile."""
+
+
 class PruneEverything(OutputError):
     """``--prune`` would drop every row of a file: confirm with ``--yes``."""
 
@@ -615,9 +619,16 @@ class _Assembler:
         attributes = dict(self.layout.attributes)
         rows_per_node: dict[str, int] = {}
         for record in sorted(self.store.parts.glob("shard-*.json")):
-            learnt = json.loads(record.read_text()).get("attributes", {})
+            try:
+                learnt = json.loads(record.read_text()).get("attributes", {})
+                counts = json.loads(learnt.get("rows_per_node", "{}")).items()
+            except (OSError, ValueError, AttributeError, TypeError) as error:
+                raise OutputError(
+                    f"{record} is damaged ({error}); delete it, and the same command "
+                    "finishes that shard again"
+                ) from None
             attributes.update({k: v for k, v in learnt.items() if v not in ("", None)})
-            for node, rows in json.loads(learnt.get("rows_per_node", "{}")).items():
+            for node, rows in counts:
                 rows_per_node[node] = rows_per_node.get(node, 0) + rows  # every shard's
         if rows_per_node:
             attributes["rows_per_node"] = json.dumps(rows_per_node)
@@ -729,7 +740,10 @@ def read_attributes(path: Path, advice: str = OUTPUT_ADVICE) -> dict[str, Any]:
         ) from None
     if attributes.get("format") != "vggfeat" or "settings" not in attributes:
         raise OutputError(f"{path} is not a vggfeat file{advice}")
-    version = int(attributes.get("format_version", 0))
+    try:
+        version = int(attributes.get("format_version", 0))
+    except (TypeError, ValueError):
+        raise OutputError(f"{path} is damaged: its format_version is not a number") from None
     if version > FORMAT_VERSION:
         raise OutputError(
             f"{path} is in format {version}, newer than this vggfeat reads ({FORMAT_VERSION}); "
@@ -747,6 +761,14 @@ def _check_output(path: Path, settings: Settings) -> None:
             f"this one reads it but continues only format {FORMAT_VERSION}: --overwrite "
             "recomputes it, -o writes a new file"
         )
+    try:
+        with open_hdf5(path) as file:
+            committed(file)
+    except (OSError, KeyError, ValueError) as error:
+        raise OutputError(
+            f"{path} is damaged ({_first_line(error)}); --overwrite replaces it, -o writes a "
+            "new file"
+        ) from None
     stored = Settings.from_dict(json.loads(attributes["settings"]))
     differences = stored.differences(settings)
     if differences:
@@ -876,17 +898,36 @@ def _take_lock(path: Path):
 
 def _read_part(part: Path, features: int = 0) -> Rows:
     """A part's rows and failures, with its first ``features`` feature arrays."""
-    with _part_errors(part), np.load(part) as data:
-        return Rows(
-            paths=data["paths"].tolist(),
-            size=data["size"],
-            mtime_ns=data["mtime_ns"],
-            features=tuple(data[f"features_{index}"] for index in range(features)),
-            failed_paths=data["failed_paths"].tolist(),
-            failed_reasons=data["failed_reasons"].tolist(),
-            failed_size=data["failed_size"],
-            failed_mtime_ns=data["failed_mtime_ns"],
-        )
+    with _part_errors(part):
+        if not stat.S_ISREG(os.stat(part).st_mode):  # a FIFO would never answer
+            raise ValueError("not a regular file")
+        with np.load(part, allow_pickle=False) as data:
+            rows = Rows(
+                paths=data["paths"].tolist(),
+                size=data["size"],
+                mtime_ns=data["mtime_ns"],
+                features=tuple(data[f"features_{index}"] for index in range(features)),
+                failed_paths=data["failed_paths"].tolist(),
+                failed_reasons=data["failed_reasons"].tolist(),
+                failed_size=data["failed_size"],
+                failed_mtime_ns=data["failed_mtime_ns"],
+            )
+        _check_part(rows)
+        return rows
+
+
+def _check_part(rows: Rows) -> None:
+    """Raise ``ValueError`` unless a part's arrays agree with each other."""
+    count, failures = len(rows.paths), len(rows.failed_paths)
+    agree = (
+        all(isinstance(p, str) for p in rows.paths + rows.failed_paths + rows.failed_reasons)
+        and len(rows.size) == len(rows.mtime_ns) == count
+        and all(len(values) == count for values in rows.features)
+        and len(rows.failed_reasons) == len(rows.failed_size) == failures
+        and len(rows.failed_mtime_ns) == failures
+    )
+    if not agree:
+        raise ValueError("its arrays disagree in length or type")
 
 
 @contextlib.contextmanager
@@ -895,11 +936,24 @@ def _part_errors(part: Path) -> Iterator[None]:
     try:
         yield
     except FileNotFoundError:
-        raise OutputError(
+        if part.is_symlink():
+            raise OutputError(
+                f"{part} is damaged (a symlink to nothing); delete it, and extract computes "
+                "its images again"
+            ) from None
+        raise OutputChanged(
             f"{part.parent} changed while it was read (a run is finishing its output); "
             "run the command again"
         ) from None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        EOFError,
+        TypeError,
+        zipfile.BadZipFile,
+    ) as error:
         raise OutputError(
             f"{part} is damaged ({error}); delete it, and extract computes its images again"
         ) from None
@@ -1008,6 +1062,10 @@ class FeatureFile:
         self._file = None
         self._empty: dict[str, np.ndarray] = {}
         plan = _read_plan(parts_folder(path), path)
+        # Parts are listed before the file is read: a run appending a part to the file
+        # deletes the part after, so every row is then in one or the other (or both,
+        # and read once). Listed after, a part appended in between would be missed.
+        listed = sorted(parts_folder(path).glob("part-*.npz"))
         self.feature_sets: dict[str, FeatureSet] = {}
         """Each layer: its Keras layer, pooling and per-image shape."""
         if path.exists():
@@ -1018,6 +1076,8 @@ class FeatureFile:
                 self._layers = feature_names(self._file)
                 for name in self._layers:
                     dataset = self._file[f"features/{name}"]
+                    if len(dataset) < self.rows:
+                        raise ValueError(f"features/{name} holds fewer than {self.rows} rows")
                     self.feature_sets[name] = FeatureSet(
                         name,
                         _text(dataset.attrs.get("keras_layer", "")),
@@ -1037,8 +1097,7 @@ class FeatureFile:
             raise OutputError(f"{path} does not exist")
         # An unfinished --overwrite run's rows belong to another file, not to this one.
         ours = plan is not None and not (plan.overwrite and self._file is not None)
-        parts = sorted(parts_folder(path).glob("part-*.npz")) if ours else []
-        self._pending = self._new_rows(parts)
+        self._pending = self._new_rows(listed if ours else [])
         self.pending = sum(len(new) for _, _, new in self._pending)
 
     def _new_rows(self, parts: list[Path]) -> list[tuple[Path, Rows, np.ndarray]]:
@@ -1187,8 +1246,21 @@ def _text(value: Any) -> str:
 
 
 def open_features(path: str | os.PathLike) -> FeatureFile:
-    """Open a vggfeat file for reading rows on demand: ``with vggfeat.open(p) as f: ...``."""
-    return FeatureFile(output_path(path))
+    """Open a vggfeat file for reading rows on demand: ``with vggfeat.open(p) as f: ...``.
+
+    While a run is finishing the file, a part can vanish as it is read; the
+    file is then opened again, a few times, before ``OutputChanged`` is raised.
+    """
+    if not os.fspath(path):
+        raise OptionError("no file named: give the path of a vggfeat file")
+    for attempt in range(4):
+        try:
+            return FeatureFile(output_path(path))
+        except OutputChanged:
+            if attempt == 3:
+                raise
+            time.sleep(0.25 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
