@@ -20,7 +20,7 @@ import click
 from vggfeat.architecture import DEPTHS, POOLINGS, TOP_IMAGE_SIZE, Architecture, Catalogue, vgg
 from vggfeat.engine import ENGINES, STALL_SECONDS
 from vggfeat.errors import OptionError, VggfeatError
-from vggfeat.export import FORMATS, NORMALIZATIONS
+from vggfeat.export import FORMATS, NORMALIZATIONS, tsv_field
 from vggfeat.images import RESIZE_MODES
 from vggfeat.network import PRECISIONS
 from vggfeat.runtime import BACKENDS
@@ -278,7 +278,6 @@ def show(file: str, list_failed: bool, as_json: bool) -> None:
       vggfeat show features.h5 --failed | cut -f2 | sort | uniq -c
       vggfeat show features.h5 --json | jq .layers
     """
-    from vggfeat.export import tsv_field
     from vggfeat.store import describe_file
 
     facts = describe_file(file)
@@ -754,8 +753,6 @@ def _duration(seconds: float) -> str:
 def _printable(text: str) -> str:
     """``text`` for a message: tab, newline and backslash as in tsv, other control
     characters (a terminal's escape codes) as ``\\xNN``."""
-    from vggfeat.export import tsv_field
-
     return "".join(
         f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in tsv_field(text)
     )

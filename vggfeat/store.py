@@ -1097,7 +1097,11 @@ class FeatureFile:
             raise OutputError(f"{path} does not exist")
         # An unfinished --overwrite run's rows belong to another file, not to this one.
         ours = plan is not None and not (plan.overwrite and self._file is not None)
-        self._pending = self._new_rows(listed if ours else [])
+        try:
+            self._pending = self._new_rows(listed if ours else [])
+        except BaseException:
+            self.close()
+            raise
         self.pending = sum(len(new) for _, _, new in self._pending)
 
     def _new_rows(self, parts: list[Path]) -> list[tuple[Path, Rows, np.ndarray]]:
