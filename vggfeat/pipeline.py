@@ -526,14 +526,13 @@ def _cuts(architecture, names: Sequence[str]) -> list[Cut]:
     return cuts
 
 
-#: Extensions of other formats: an output named so wants ``vggfeat export``, not HDF5.
-OTHER_FORMATS = (".npy", ".npz", ".csv", ".tsv", ".txt", ".json", ".jsonl", ".parquet", ".pt",
-                 ".fvecs")  # fmt: skip
+#: Extensions of formats export does not write that an output is still often named for.
+NOT_HDF5 = (".npz", ".json", ".pt")
 
 
 def _check_output_name(output: str | os.PathLike) -> None:
     """Refuse an output that names a stream or another format: extract writes HDF5 only."""
-    from vggfeat.export import format_of
+    from vggfeat.export import EXTENSIONS, format_of
 
     name = os.fspath(output)
     if name == "-":
@@ -546,7 +545,8 @@ def _check_output_name(output: str | os.PathLike) -> None:
     longest = 255 - len(".parts")  # the work folder beside the output must fit too
     if len(os.fsencode(os.path.basename(name))) > longest:
         raise OptionError(f"-o {name}: the file name is too long; use at most {longest} bytes")
-    if Path(name).suffix.lower() not in OTHER_FORMATS:
+    suffix = Path(name).suffix.lower()
+    if suffix.lstrip(".") not in EXTENSIONS and suffix not in NOT_HDF5:
         return
     stem = Path(name).with_suffix("")
     h5 = str(stem if stem.suffix.lower() in (".h5", ".hdf5") else stem.with_suffix(".h5"))
