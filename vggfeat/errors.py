@@ -23,6 +23,10 @@ class ImageSizeError(OptionError):
     """An input size the requested layers cannot take."""
 
 
+class OutputError(VggfeatError):
+    """An output that cannot be written, continued, locked or read."""
+
+
 class WeightsMismatchError(VggfeatError):
     """A weights file that does not fit the network, or fits only in part."""
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
-import fcntl
 import hashlib
 import json
 import math
@@ -29,8 +28,8 @@ from typing import IO, Any
 import numpy as np
 
 from vggfeat.architecture import vgg
-from vggfeat.errors import OptionError, VggfeatError
-from vggfeat.output import OutputError
+from vggfeat.atomic import try_lock
+from vggfeat.errors import OptionError, OutputError, VggfeatError
 from vggfeat.store import FeatureFile, open_features, output_path, parts_folder
 
 #: About this many bytes of features are read, converted and written at a time.
@@ -49,6 +48,8 @@ class Exported:
     format: str
     pending: int
     """Of ``rows``, those committed by a run that has not finished yet."""
+    damaged: tuple[str, ...] = ()
+    """A line for each part of an unfinished run left out as damaged."""
 
 
 class _Writer:
@@ -57,7 +58,7 @@ class _Writer:
     binary_values = False
     """Whether the values are raw bytes, not text, so a terminal is no place for them."""
 
-    def __init__(self, out: IO[bytes], layer: str, shape: tuple[int, ...], options: _Options):
+    def __init__(self, out: _Named, layer: str, shape: tuple[int, ...], options: _Options):
         self.out = out
         self.layer = layer
         self.shape = shape
@@ -259,7 +260,8 @@ def export(
         column = file.features[name]
         shape = tuple(column.shape[1:])
         writer_type = FORMATS[format]
-        with _written(out) as stream, _written(paths_to) as paths_stream:
+        paths_output = _written(paths_to) if paths_to is not None else contextlib.nullcontext()
+        with _written(out) as stream, paths_output as paths_stream:
             writer = writer_type(stream, name, shape, _Options(paths, header))
             stored = np.dtype(file.attributes.get("dtype", "float32"))
             dtype = np.dtype(np.float32) if normalize else writer.dtype(stored)
@@ -285,7 +287,7 @@ def export(
             for written in (stream, paths_stream):
                 if written is not None:
                     written.flush()
-        return Exported(rows, name, shape, str(dtype), format, file.pending)
+        return Exported(rows, name, shape, str(dtype), format, file.pending, tuple(file.damaged))
 
 
 def _formatted(values: np.ndarray, separator: str, json: bool = False) -> list[str]:
@@ -327,8 +329,8 @@ def _choose_layer(file: FeatureFile, layer: str | None) -> str:
     with contextlib.suppress(VggfeatError, KeyError, ValueError):
         # Any name of the same Keras layer: fc2 for fc7, block5_pool for pool5, and back.
         keras_name = vgg(int(file.attributes["depth"])).layer(layer).name
-        for name, feature_set in file.feature_sets.items():
-            if feature_set.keras_layer == keras_name:
+        for name, spec in file.layers.items():
+            if spec.keras_layer == keras_name:
                 return name
     close = difflib.get_close_matches(layer, names, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}? " if close else ""
@@ -358,7 +360,7 @@ def _l2(values: np.ndarray) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _written(target: str | os.PathLike | IO[bytes] | None) -> Iterator[IO[bytes] | None]:
+def _written(target: str | os.PathLike | IO[bytes]) -> Iterator[_Named]:
     """Where one output goes, as a stream whose write errors name it.
 
     A stream stays as it is. A path to a device, a FIFO or anything else that
@@ -368,9 +370,6 @@ def _written(target: str | os.PathLike | IO[bytes] | None) -> Iterator[IO[bytes]
     block completes; removed if it does not, and taken over by the next export
     to the same path if the process was killed.
     """
-    if target is None:
-        yield None
-        return
     if not isinstance(target, str | os.PathLike):
         named = _Named(target, "standard output")
         yield named
@@ -379,11 +378,11 @@ def _written(target: str | os.PathLike | IO[bytes] | None) -> Iterator[IO[bytes]
     shown = os.fspath(target)
     if not _regular_or_new(shown):
         with _naming(shown):
-            stream = open(shown, "wb")  # noqa: SIM115
-        with _closed(stream):
-            yield _Named(stream, shown)
+            device: IO[bytes] = open(shown, "wb")  # noqa: SIM115
+        with _closed(device):
+            yield _Named(device, shown)
             with _naming(shown):
-                stream.flush()
+                device.flush()
         return
     final = Path(os.path.realpath(shown))
     digest = hashlib.sha256(os.fsencode(final.name)).hexdigest()[:16]
@@ -427,16 +426,11 @@ def _regular_or_new(path: str) -> bool:
 def _claim(partial: Path, shown: str) -> IO[bytes]:
     """The partial file, opened, locked and emptied; refused while another export holds it."""
     try:
-        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o666)
+        descriptor = try_lock(partial, os.O_WRONLY | os.O_CREAT)
     except OSError as error:
         raise VggfeatError(f"cannot write {shown}: {error.strerror or error}") from None
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(descriptor)
-        raise VggfeatError(
-            f"another export is writing {shown}; wait for it, or name another file"
-        ) from None
+    if descriptor is None:
+        raise VggfeatError(f"another export is writing {shown}; wait for it, or name another file")
     os.ftruncate(descriptor, 0)
     return open(descriptor, "wb", buffering=1 << 20)
 
@@ -461,7 +455,7 @@ class _Named:
         self._stream = stream
         self._shown = shown
 
-    def write(self, data) -> int:
+    def write(self, data: bytes | bytearray | memoryview) -> int:
         # A full disk can take part of a large write and say so only in the count.
         view = memoryview(data).cast("B")
         with _naming(self._shown):
@@ -481,7 +475,11 @@ class _Named:
         return self._stream.closed
 
 
-def _check_targets(source: Path, out, paths_to) -> None:
+def _check_targets(
+    source: Path,
+    out: str | os.PathLike | IO[bytes],
+    paths_to: str | os.PathLike | None,
+) -> None:
     """Refuse outputs that would overwrite the file being read, or each other."""
     named = [os.fspath(t) for t in (out, paths_to) if isinstance(t, str | os.PathLike)]
     for target in named:
@@ -490,10 +488,15 @@ def _check_targets(source: Path, out, paths_to) -> None:
         if _same_path(target, source):
             raise OptionError(f"{target} is the file being exported; name another")
         folder = Path(os.path.realpath(target)).parent
-        if _same_path(folder, parts_folder(source)) or (folder / "run.json").exists():
+        if _same_path(folder, parts_folder(source)) or _is_parts_folder(folder):
             raise OptionError(f"{target} is inside a .parts folder, vggfeat's own work")
     if len(named) == 2 and _same_path(*named):
         raise OptionError(f"-o and --paths-to both name {named[0]}; name two files")
+
+
+def _is_parts_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a run's parts folder: ``<output>.parts`` with a plan in it."""
+    return folder.name.endswith(".parts") and (folder / "run.json").is_file()
 
 
 def _same_path(first: str | os.PathLike, second: str | os.PathLike) -> bool:

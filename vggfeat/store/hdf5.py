@@ -1,4 +1,4 @@
-"""The output file: its HDF5 layout, committed appends in place, and lazy reading.
+"""The output file: its HDF5 layout, committed appends in place, and reading it.
 
 Format 3 (a contract; README.md documents it)::
 
@@ -11,6 +11,9 @@ Format 3 (a contract; README.md documents it)::
     /failed/reasons       (M,) UTF-8 strings of fixed width, why, in words
     /failed/size, /failed/mtime_ns   (M,) int64, as for rows (-1 where unknown)
     /committed            (2,) int64: N and M, the rows and failures the file holds
+    /runs                 (R,) UTF-8 JSON objects of fixed width, one per run that wrote
+                          rows: when, what computed them, the command, rows added
+                          (added in vggfeat 0.2; an older file gains it when continued)
 
 Appending happens in place, so continuing a file of n rows with k new images
 writes O(k) bytes. The file is opened for HDF5's single-writer/multiple-reader
@@ -18,8 +21,7 @@ writes O(k) bytes. The file is opened for HDF5's single-writer/multiple-reader
 readable at every moment; a commit appends the data, flushes, then writes
 ``/committed`` and flushes again. A kill at any moment leaves a readable file
 holding exactly the committed rows, plus, at worst, dead rows past
-``/committed`` that the next writer cuts off. (Without SWMR ordering, kills
-during appends left unreadable chunks in measurements here.)
+``/committed`` that the next writer cuts off.
 
 A killed SWMR writer leaves HDF5's "open for writing" flag in the file; until
 the next writer clears it, plain ``h5py.File`` refuses the file, and readers
@@ -35,137 +37,30 @@ import glob
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
-from vggfeat.errors import VggfeatError
+from vggfeat.errors import OutputError
+from vggfeat.store.identity import Stamp
+from vggfeat.store.layout import Layout, Rows
 
 FORMAT_VERSION = 3
 #: Widths in bytes /paths can have: the smallest that fits the longest path is chosen.
 PATH_WIDTHS = (256, 1024, 4096)
 REASON_WIDTH = 512
+RUN_WIDTH = 4096
+#: h5py's objects, which have no type information of their own.
+H5File = Any
+H5Dataset = Any
 #: Target bytes per HDF5 chunk of features: big enough for fast appends, small for reads.
 CHUNK_BYTES = 1 << 20
 STRING_CHUNK_ROWS = 4096
 #: Bytes of rows held in memory at once when copying a file.
 COPY_BYTES = 64 << 20
-
-
-class OutputError(VggfeatError):
-    """An output that cannot be written, continued, locked or read."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything that decides the numbers in a file; a continued run must match it."""
-
-    depth: int
-    layers: tuple[str, ...]
-    pooling: str
-    weights: str
-    weights_file: str
-    weights_sha256: str
-    seed: int
-    image_size: int
-    resize: str
-    compute_dtype: str
-    dtype: str
-
-    def differences(self, other: Settings, where: str = "in the file") -> list[str]:
-        """Each setting that differs, as '--option our-value in the file, other-value now'."""
-        ours, theirs = asdict(self), asdict(other)
-        if self.weights != "random":
-            del ours["seed"], theirs["seed"]  # a seed means nothing to other weights
-        return [
-            f"{_OPTIONS[key]} {_shown(ours[key])} {where}, {_shown(theirs[key])} now"
-            for key in ours
-            if ours[key] != theirs[key]
-        ]
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Settings:
-        """Settings as ``asdict`` gave them, after a trip through JSON."""
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-_OPTIONS = {
-    "depth": "--depth",
-    "layers": "--layer",
-    "pooling": "--pool",
-    "weights": "--weights",
-    "weights_file": "weights file",
-    "weights_sha256": "weights SHA-256",
-    "seed": "--seed",
-    "image_size": "--image-size",
-    "resize": "--resize",
-    "compute_dtype": "computing in (--precision, --backend and the device decide)",
-    "dtype": "--dtype",
-}
-
-
-def _shown(value: Any) -> str:
-    return " ".join(map(str, value)) if isinstance(value, tuple | list) else str(value) or "none"
-
-
-@dataclass(frozen=True)
-class FeatureSet:
-    """One dataset of the output: its name, the Keras layer, pooling, and per-image shape."""
-
-    name: str
-    keras_layer: str
-    pooling: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What a new output file is made of: settings, datasets and the run's attributes."""
-
-    settings: Settings
-    feature_sets: tuple[FeatureSet, ...]
-    compression: str
-    attributes: dict[str, Any]
-
-    @property
-    def row_bytes(self) -> int:
-        itemsize = np.dtype(self.settings.dtype).itemsize
-        return sum(math.prod(fs.shape) * itemsize for fs in self.feature_sets)
-
-
-@dataclass(frozen=True)
-class Rows:
-    """Rows and failures on their way into a file; ``paths`` are stored paths (keys)."""
-
-    paths: list[str]
-    size: np.ndarray
-    mtime_ns: np.ndarray
-    features: tuple[np.ndarray, ...]
-    """One (len(paths), ...) array per feature set."""
-    failed_paths: list[str]
-    failed_reasons: list[str]
-    failed_size: np.ndarray
-    failed_mtime_ns: np.ndarray
-
-    @property
-    def keys(self) -> list[str]:
-        return [*self.paths, *self.failed_paths]
-
-    def select(self, rows: np.ndarray, failed: np.ndarray) -> Rows:
-        """Only the rows and failures the boolean masks ``rows`` and ``failed`` keep."""
-        return Rows(
-            paths=[p for p, kept in zip(self.paths, rows, strict=True) if kept],
-            size=self.size[rows],
-            mtime_ns=self.mtime_ns[rows],
-            features=tuple(values[rows] for values in self.features),
-            failed_paths=[p for p, kept in zip(self.failed_paths, failed, strict=True) if kept],
-            failed_reasons=[r for r, kept in zip(self.failed_reasons, failed, strict=True) if kept],
-            failed_size=self.failed_size[failed],
-            failed_mtime_ns=self.failed_mtime_ns[failed],
-        )
 
 
 def path_width(longest: int) -> int:
@@ -207,23 +102,37 @@ def create(path: os.PathLike | str, layout: Layout, width: int) -> None:
             file.create_dataset(name, (0,), np.int64, maxshape=(None,), chunks=(4096,))
         dtype = np.dtype(layout.settings.dtype)
         options = {} if layout.compression == "none" else {"compression": layout.compression}
-        for feature_set in layout.feature_sets:
-            shape = tuple(feature_set.shape)
-            rows = max(1, min(1024, CHUNK_BYTES // (math.prod(shape) * dtype.itemsize)))
+        for spec in layout.layers:
+            rows = max(1, min(1024, CHUNK_BYTES // (math.prod(spec.shape) * dtype.itemsize)))
             dataset = file.create_dataset(
-                f"features/{feature_set.name}",
-                (0, *shape),
+                f"features/{spec.name}",
+                (0, *spec.shape),
                 dtype,
-                maxshape=(None, *shape),
-                chunks=(rows, *shape),
+                maxshape=(None, *spec.shape),
+                chunks=(rows, *spec.shape),
                 **options,
             )
-            dataset.attrs["keras_layer"] = feature_set.keras_layer
-            dataset.attrs["pooling"] = feature_set.pooling
+            dataset.attrs["keras_layer"] = spec.keras_layer
+            dataset.attrs["pooling"] = spec.pooling
         file.create_dataset("committed", data=np.zeros(2, np.int64))
+        _create_runs(file)
 
 
-class OutputWriter:
+def _create_runs(file: H5File) -> None:
+    import h5py
+
+    file.create_dataset(
+        "runs",
+        (0,),
+        h5py.string_dtype("utf-8", RUN_WIDTH),
+        maxshape=(None,),
+        chunks=(16,),
+        compression="gzip",
+        compression_opts=1,
+    )
+
+
+class Appender:
     """Adds rows to an output file opened for SWMR writing; ``commit`` makes them count.
 
     A row or failure whose path is already in the file replaces it in place;
@@ -231,13 +140,15 @@ class OutputWriter:
     be done in place: ``moves`` finds those, and the caller rebuilds instead.
     """
 
-    def __init__(self, file) -> None:
+    def __init__(self, file: H5File) -> None:
         self.file = file
         self.rows, self.failures = (int(n) for n in file["committed"][()])
-        self.names = feature_names(file)
+        self.names = layer_names(file)
         self.features = [file[f"features/{name}"] for name in self.names]
-        for name in ("paths", "source/size", "source/mtime_ns", *self._feature_names()):
-            _truncate(file[name], self.rows)
+        for dataset in (file["paths"], file["source/size"], file["source/mtime_ns"]):
+            _truncate(dataset, self.rows)
+        for dataset in self.features:
+            _truncate(dataset, self.rows)
         for name in ("failed/paths", "failed/reasons", "failed/size", "failed/mtime_ns"):
             _truncate(file[name], self.failures)
         self.width = file["paths"].dtype.itemsize
@@ -245,9 +156,6 @@ class OutputWriter:
         self.failure_of = {
             p: i for i, p in enumerate(read_strings(file["failed/paths"], self.failures))
         }
-
-    def _feature_names(self) -> list[str]:
-        return [f"features/{name}" for name in self.names]
 
     def moves(self, keys_rows: Sequence[str], keys_failed: Sequence[str]) -> set[str]:
         """Paths that would move from failures to rows or back."""
@@ -268,13 +176,19 @@ class OutputWriter:
         failed_columns = [file[f"failed/{n}"] for n in ("paths", "reasons", "size", "mtime_ns")]
         failed_values = [
             _encoded(rows.failed_paths),
-            _encoded([_fit(reason) for reason in rows.failed_reasons]),
+            _encoded([_fit(reason, REASON_WIDTH) for reason in rows.failed_reasons]),
             rows.failed_size,
             rows.failed_mtime_ns,
         ]
         self.failures += _place(
             failed_columns, failed_values, rows.failed_paths, self.failure_of, self.failures
         )
+
+    def add_run(self, record: dict[str, Any]) -> None:
+        """Append one run's provenance to ``/runs``; written with the next flush."""
+        runs = self.file["runs"]
+        runs.resize(len(runs) + 1, axis=0)
+        runs[-1] = run_entry(record)
 
     def commit(self) -> None:
         """Make everything added count: data first, then the counts readers trust."""
@@ -283,7 +197,26 @@ class OutputWriter:
         self.file.flush()
 
 
-def _place(columns, values, keys: list[str], index: dict[str, int], count: int) -> int:
+def run_entry(record: dict[str, Any]) -> bytes:
+    """A run's record as a ``/runs`` entry: JSON that fits, a long command shortened."""
+    entry = json.dumps(record, ensure_ascii=False).encode()
+    command = str(record.get("command", ""))
+    if len(entry) > RUN_WIDTH:
+        # Removing k bytes of the command removes at least k bytes of its JSON.
+        keep = max(0, len(command.encode()) - (len(entry) - RUN_WIDTH))
+        entry = json.dumps({**record, "command": _fit(command, keep)}, ensure_ascii=False).encode()
+    if len(entry) > RUN_WIDTH:
+        raise OutputError("internal: a run's record does not fit /runs")
+    return entry
+
+
+def _place(
+    columns: list[H5Dataset],
+    values: list[Any],
+    keys: list[str],
+    index: dict[str, int],
+    count: int,
+) -> int:
     """Replace the rows of known ``keys`` in place, append the rest; how many were appended."""
     if not keys:
         return 0
@@ -308,7 +241,7 @@ def _place(columns, values, keys: list[str], index: dict[str, int], count: int) 
     return appended
 
 
-def _truncate(dataset, count: int) -> None:
+def _truncate(dataset: H5Dataset, count: int) -> None:
     if len(dataset) != count:
         dataset.resize(count, axis=0)
 
@@ -317,17 +250,17 @@ def _encoded(values: Sequence[str]) -> list[bytes]:
     return [value.encode() for value in values]
 
 
-def _fit(reason: str) -> str:
-    """A reason cut to the stored width, on a character boundary."""
-    data = reason.encode()
-    if len(data) <= REASON_WIDTH:
-        return reason
-    return data[: REASON_WIDTH - 3].decode(errors="ignore") + "..."
+def _fit(text: str, width: int) -> str:
+    """``text`` cut to ``width`` UTF-8 bytes, on a character boundary."""
+    data = text.encode()
+    if len(data) <= width:
+        return text
+    return data[: max(0, width - 3)].decode(errors="ignore") + "..."
 
 
 @contextmanager
-def writing(path: os.PathLike | str) -> Iterator[OutputWriter]:
-    """The output at ``path`` open for appending in place, as an ``OutputWriter``."""
+def appending(path: os.PathLike | str) -> Iterator[Appender]:
+    """The output at ``path`` open for appending in place."""
     import h5py
 
     try:
@@ -347,8 +280,11 @@ def writing(path: os.PathLike | str) -> Iterator[OutputWriter]:
             "run the same command again: completed work is kept"
         ) from None
     try:
+        if "runs" not in file:  # a file of vggfeat 0.1; SWMR writing cannot add a dataset
+            _create_runs(file)
+            file.flush()
         file.swmr_mode = True
-        yield OutputWriter(file)
+        yield Appender(file)
     finally:
         file.close()
 
@@ -378,8 +314,7 @@ def _hdf5_library() -> ctypes.CDLL | None:
     bundled = glob.glob(
         os.path.join(os.path.dirname(h5py.__file__), "..", "h5py.libs", "libhdf5-*")
     )
-    candidates = [*bundled, ctypes.util.find_library("hdf5")]
-    for candidate in candidates:
+    for candidate in [*bundled, ctypes.util.find_library("hdf5")]:
         if candidate:
             try:
                 return ctypes.CDLL(candidate)
@@ -391,7 +326,7 @@ def _hdf5_library() -> ctypes.CDLL | None:
 # Reading --------------------------------------------------------------------------------
 
 
-def open_hdf5(path: os.PathLike | str):
+def open_hdf5(path: os.PathLike | str) -> H5File:
     """An h5py file for reading, also while a writer appends or after one was killed."""
     import h5py
 
@@ -405,12 +340,12 @@ def open_hdf5(path: os.PathLike | str):
         return h5py.File(path, "r", swmr=True, locking=False)
 
 
-def feature_names(file) -> list[str]:
+def layer_names(file: H5File) -> list[str]:
     """The names of a file's feature datasets, in the order of its --layer options."""
     return list(json.loads(file.attrs["settings"])["layers"])
 
 
-def committed(file) -> tuple[int, int]:
+def counts(file: H5File) -> tuple[int, int]:
     """(rows, failures) a file holds; older formats hold exactly their datasets' lengths."""
     if "committed" not in file:
         return len(file["paths"]), len(file["failed/paths"])
@@ -420,7 +355,20 @@ def committed(file) -> tuple[int, int]:
     return rows, failures
 
 
-def read_strings(dataset, count: int) -> list[str]:
+def read_runs(file: H5File) -> list[dict[str, Any]]:
+    """Each run's record in ``/runs``, oldest first; an entry a kill left blank is skipped."""
+    found = []
+    for entry in read_strings(file["runs"], len(file["runs"])) if "runs" in file else []:
+        try:
+            record = json.loads(entry)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            found.append(record)
+    return found
+
+
+def read_strings(dataset: H5Dataset, count: int) -> list[str]:
     """The first ``count`` strings of a dataset, read in blocks."""
     values: list[str] = []
     for start in range(0, count, 65536):
@@ -433,17 +381,18 @@ def decode_strings(raw: np.ndarray | list) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
 
 
-def stamps(file, group: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+def stamps(file: H5File, group: str, count: int) -> tuple[np.ndarray, np.ndarray]:
     """Sizes and modification times of a file's rows (group "source") or failures ("failed")."""
     if f"{group}/size" in file:
         return file[f"{group}/size"][:count], file[f"{group}/mtime_ns"][:count]
     return np.full(count, -1, np.int64), np.full(count, -1, np.int64)
 
 
-def blocks(file, names: Sequence[str], rows: int, row_bytes: int) -> Iterator[Rows]:
+def blocks(file: H5File, names: Sequence[str], rows: int, row_bytes: int) -> Iterator[Rows]:
     """A file's rows, without failures, in blocks of at most ``COPY_BYTES``."""
     step = max(1, COPY_BYTES // max(1, row_bytes))
     sizes, times = stamps(file, "source", rows)
+    none = np.zeros(0, np.int64)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         yield Rows(
@@ -453,67 +402,64 @@ def blocks(file, names: Sequence[str], rows: int, row_bytes: int) -> Iterator[Ro
             features=tuple(file[f"features/{name}"][start:stop] for name in names),
             failed_paths=[],
             failed_reasons=[],
-            failed_size=np.zeros(0, np.int64),
-            failed_mtime_ns=np.zeros(0, np.int64),
+            failed_size=none,
+            failed_mtime_ns=none,
         )
 
 
-class Column:
-    """Rows of one dataset read on demand: ``len``, an index, a slice or an index list.
+def failures(file: H5File, layout: Layout) -> Rows:
+    """A file's failures, as rows without features."""
+    _, count = counts(file)
+    size, mtime_ns = stamps(file, "failed", count)
+    return Rows.failures_only(
+        layout,
+        read_strings(file["failed/paths"], count),
+        read_strings(file["failed/reasons"], count),
+        size,
+        mtime_ns,
+    )
 
-    Spans the committed rows of the output and, for an unfinished run, the rows
-    committed in parts so far, without reading anything until indexed.
+
+def read_attributes(path: os.PathLike | str, advice: str = "") -> dict[str, Any]:
+    """A vggfeat file's root attributes; ``OutputError`` if it is not one or cannot be read.
+
+    ``advice`` follows the reason in the message: what to do about it.
     """
+    import h5py
 
-    def __init__(
-        self, segments: Sequence[tuple[int, Callable[[slice], Any]]], convert=None
-    ) -> None:
-        self._segments = list(segments)
-        self._convert = convert
-        self._length = sum(count for count, _ in self._segments)
+    try:
+        if not h5py.is_hdf5(path):
+            raise OutputError(f"{path} is not a vggfeat file (not HDF5){advice}")
+        with open_hdf5(path) as file:
+            attributes = {
+                key: value.decode() if isinstance(value, bytes) else value
+                for key, value in file.attrs.items()
+            }
+    except (OSError, KeyError, RuntimeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OutputError(f"{path} is damaged and cannot be read ({reason}){advice}") from None
+    if attributes.get("format") != "vggfeat" or "settings" not in attributes:
+        raise OutputError(f"{path} is not a vggfeat file{advice}")
+    try:
+        version = int(attributes.get("format_version", 0))
+    except (TypeError, ValueError):
+        raise OutputError(f"{path} is damaged: its format_version is not a number") from None
+    if version > FORMAT_VERSION:
+        raise OutputError(
+            f"{path} is in format {version}, newer than this vggfeat reads ({FORMAT_VERSION}); "
+            "upgrade vggfeat (pip install -U vggfeat)"
+        )
+    return attributes
 
-    def __len__(self) -> int:
-        return self._length
 
-    def __iter__(self):
-        step = 4096
-        for start in range(0, len(self), step):
-            yield from self[start : start + step]
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            start, stop, stride = index.indices(len(self))
-            if stride != 1:
-                return self[range(start, stop, stride)]
-            return self._slice(start, stop)
-        if isinstance(index, int | np.integer):
-            position = int(index) + len(self) if index < 0 else int(index)
-            if not 0 <= position < len(self):
-                raise IndexError(f"row {index} is out of range for {len(self)} rows")
-            return self._slice(position, position + 1)[0]
-        picked = [self[int(i)] for i in index]
-        if self._convert is not None:
-            return picked
-        return np.stack(picked) if picked else self._slice(0, 0)
-
-    def __array__(self, dtype=None, copy=None):
-        values = np.asarray(self[:])
-        return values.astype(dtype) if dtype is not None else values
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self), *np.shape(self._slice(0, min(1, len(self))))[1:])
-
-    def _slice(self, start: int, stop: int):
-        pieces = []
-        offset = 0
-        for count, read in self._segments:
-            low, high = max(start, offset), min(stop, offset + count)
-            if low < high:
-                pieces.append(read(slice(low - offset, high - offset)))
-            offset += count
-        if self._convert is not None:
-            return [value for piece in pieces for value in self._convert(piece)]
-        if not pieces:
-            return self._segments[0][1](slice(0, 0)) if self._segments else np.zeros(0)
-        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+def stored_stamps(path: os.PathLike | str) -> tuple[dict[str, Stamp], dict[str, Stamp]]:
+    """Every key a file holds as a row, and as a failure, with its (size, mtime_ns)."""
+    found = []
+    with open_hdf5(path) as file:
+        for group, name, count in zip(
+            ("source", "failed"), ("paths", "failed/paths"), counts(file), strict=True
+        ):
+            sizes, times = stamps(file, group, count)
+            keys = read_strings(file[name], count)
+            found.append(dict(zip(keys, map(Stamp, sizes.tolist(), times.tolist()), strict=True)))
+    return found[0], found[1]

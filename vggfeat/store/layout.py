@@ -1,0 +1,205 @@
+"""What a file is made of: the settings that decide its numbers, its datasets, and rows.
+
+``Settings`` is what a continued run must match; it compares itself, so the
+store decides whether a run may continue a file without knowing what each
+setting means.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from vggfeat.architecture import vgg
+from vggfeat.errors import VggfeatError
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides the numbers in a file; a continued run must match it."""
+
+    depth: int
+    layers: tuple[str, ...]
+    """Each layer's dataset name: its canonical alias (``fc7``, ``pool5``) since 0.2."""
+    pooling: str
+    weights: str
+    weights_file: str
+    weights_sha256: str
+    seed: int
+    image_size: int
+    resize: str
+    compute_dtype: str
+    dtype: str
+
+    def differences(self, other: Settings, where: str = "in the file") -> list[str]:
+        """Each setting that differs, as '--option our-value in the file, other-value now'.
+
+        Layers compare by what they are, not how they were spelt (``FC7``,
+        ``fc2`` and ``fc7`` are one layer), and in any order.
+        """
+        ours, theirs = self._compared(), other._compared()
+        return [
+            f"{_OPTIONS[key]} {_shown(ours[key])} {where}, {_shown(theirs[key])} now"
+            for key in ours
+            if ours[key] != theirs[key]
+        ]
+
+    def _compared(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["layers"] = canonical_layers(self.depth, self.layers)
+        if self.weights != "random":
+            del values["seed"]  # a seed means nothing to other weights
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Settings:
+        """Settings as ``asdict`` gave them, after a trip through JSON."""
+        found: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in values.items()
+        }
+        return cls(**found)
+
+
+def canonical_layers(depth: int, layers: tuple[str, ...]) -> tuple[str, ...]:
+    """The layers' canonical names in network order; a name vggfeat does not know stays."""
+    try:
+        architecture = vgg(depth)
+        found = {architecture.layer(name) for name in layers}
+    except (VggfeatError, TypeError):
+        return tuple(sorted(layers))
+    return tuple(layer.alias for layer in architecture.layers if layer in found)
+
+
+_OPTIONS = {
+    "depth": "--depth",
+    "layers": "--layer",
+    "pooling": "--pool",
+    "weights": "--weights",
+    "weights_file": "weights file",
+    "weights_sha256": "weights SHA-256",
+    "seed": "--seed",
+    "image_size": "--image-size",
+    "resize": "--resize",
+    "compute_dtype": "computing in (--precision, --backend and the device decide)",
+    "dtype": "--dtype",
+}
+
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple | list) else str(value) or "none"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One dataset of the output: its name, the Keras layer, pooling, and per-image shape."""
+
+    name: str
+    keras_layer: str
+    pooling: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What an output file is made of: settings, datasets and the run's attributes."""
+
+    settings: Settings
+    layers: tuple[LayerSpec, ...]
+    compression: str
+    attributes: dict[str, Any]
+
+    def named_as(self, stored: Settings) -> Layout:
+        """This layout with its datasets named and ordered as ``stored`` has them: a file
+        written before names were canonical (``FC7``, ``fc2``) keeps its own."""
+        if stored.layers == self.settings.layers:
+            return self
+        architecture = vgg(stored.depth)
+        by_layer = {spec.keras_layer: spec for spec in self.layers}
+        layers = tuple(
+            replace(by_layer[architecture.layer(name).name], name=name) for name in stored.layers
+        )
+        settings = replace(self.settings, layers=stored.layers)
+        return Layout(settings, layers, self.compression, self.attributes)
+
+    @property
+    def row_bytes(self) -> int:
+        itemsize = np.dtype(self.settings.dtype).itemsize
+        return sum(math.prod(spec.shape) * itemsize for spec in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": asdict(self.settings),
+            "feature_sets": [asdict(spec) for spec in self.layers],
+            "compression": self.compression,
+            "attributes": self.attributes,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Layout:
+        return cls(
+            settings=Settings.from_dict(values["settings"]),
+            layers=tuple(
+                LayerSpec(s["name"], s["keras_layer"], s["pooling"], tuple(s["shape"]))
+                for s in values["feature_sets"]
+            ),
+            compression=values["compression"],
+            attributes=values["attributes"],
+        )
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows and failures on their way into a file; ``paths`` are keys."""
+
+    paths: list[str]
+    size: np.ndarray
+    mtime_ns: np.ndarray
+    features: tuple[np.ndarray, ...]
+    """One (len(paths), ...) array per layer, in the layout's order."""
+    failed_paths: list[str]
+    failed_reasons: list[str]
+    failed_size: np.ndarray
+    failed_mtime_ns: np.ndarray
+
+    @property
+    def keys(self) -> list[str]:
+        return [*self.paths, *self.failed_paths]
+
+    @classmethod
+    def failures_only(
+        cls,
+        layout: Layout,
+        paths: Sequence[str],
+        reasons: Sequence[str],
+        size: np.ndarray,
+        mtime_ns: np.ndarray,
+    ) -> Rows:
+        """Failures and no rows, with empty feature arrays of the layout's shapes."""
+        dtype = layout.settings.dtype
+        return cls(
+            paths=[],
+            size=np.zeros(0, np.int64),
+            mtime_ns=np.zeros(0, np.int64),
+            features=tuple(np.zeros((0, *spec.shape), dtype) for spec in layout.layers),
+            failed_paths=list(paths),
+            failed_reasons=list(reasons),
+            failed_size=np.asarray(size, np.int64),
+            failed_mtime_ns=np.asarray(mtime_ns, np.int64),
+        )
+
+    def select(self, rows: np.ndarray, failed: np.ndarray) -> Rows:
+        """Only the rows and failures the boolean masks ``rows`` and ``failed`` keep."""
+        return Rows(
+            paths=[p for p, kept in zip(self.paths, rows, strict=True) if kept],
+            size=self.size[rows],
+            mtime_ns=self.mtime_ns[rows],
+            features=tuple(values[rows] for values in self.features),
+            failed_paths=[p for p, kept in zip(self.failed_paths, failed, strict=True) if kept],
+            failed_reasons=[r for r, kept in zip(self.failed_reasons, failed, strict=True) if kept],
+            failed_size=self.failed_size[failed],
+            failed_mtime_ns=self.failed_mtime_ns[failed],
+        )

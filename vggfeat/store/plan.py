@@ -1,0 +1,312 @@
+"""A run's plan: what every process of a run agrees on, recorded before any work is done.
+
+Next to the journal's parts, the parts folder holds the run's record::
+
+    run.json             the plan: settings and datasets, shards, overwrite or not, its id
+    work-<id>.json       the images the run has to do, in discovery order, as keys; every
+                         shard's share is cut from this list, the same for every process
+    shard-0003.lock      held (flock) by the process working on shard 3; its PID inside
+    shard-0003.json      written once shard 3 has done its share: what computed it
+    assemble.lock        held by the process writing the output
+    assembling.h5        a new output being built; discarded if interrupted
+
+Every check that can refuse a command runs here before anything on disk changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vggfeat.atomic import Lock, fsync_folder, write_atomically
+from vggfeat.errors import OptionError, OutputError
+from vggfeat.store.hdf5 import FORMAT_VERSION, counts, open_hdf5, read_attributes
+from vggfeat.store.identity import parts_folder
+from vggfeat.store.layout import Layout, Settings
+
+#: What to do about an output that cannot be continued, after the reason.
+OUTPUT_ADVICE = "; choose another -o, or --overwrite to replace it"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Share ``index`` of ``count`` (1-based) of the images a run has to do."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"3/16"`` as a shard; ``OptionError`` for anything else."""
+        found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not found or not 1 <= int(found[1]) <= int(found[2]):
+            raise OptionError(
+                f"--shard {text} is not K/N with 1 <= K <= N; for example --shard 3/16"
+            )
+        return cls(int(found[1]), int(found[2]))
+
+    def share(self, items: Sequence[str]) -> Sequence[str]:
+        """This shard's contiguous share of ``items``, the same in every process."""
+        count = len(items)
+        return items[(self.index - 1) * count // self.count : self.index * count // self.count]
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The run recorded in ``run.json``: what every shard of it must agree on."""
+
+    id: str
+    layout: Layout
+    shards: int
+    overwrite: bool
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"id": self.id, **self.layout.to_dict(), "shards": self.shards,
+             "overwrite": self.overwrite}
+        )  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        values = json.loads(text)
+        return cls(values["id"], Layout.from_dict(values), values["shards"], values["overwrite"])
+
+
+def read_plan(folder: Path, output: Path) -> Plan | None:
+    """The unfinished run in ``folder``, if any."""
+    try:
+        return Plan.from_json((folder / "run.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise OutputError(
+            f"the unfinished run in {folder} cannot be read ({error}); delete that folder "
+            "to abandon it and run again"
+        ) from None
+
+
+def claim(folder: Path, output: Path, plan: Plan, work: list[str]) -> Plan:
+    """Record ``plan`` and its ``work`` as the run's, unless another process recorded a
+    plan first: then that one."""
+    record = folder / "run.json"
+    kept = "nothing was computed yet"
+    work_file = _work_file(folder, plan)
+    write_atomically(work_file, lambda f: f.write(json.dumps(work).encode()), output, kept)
+    temporary = folder / f"run.json.{os.getpid()}.claim"
+    write_atomically(temporary, lambda f: f.write(plan.to_json().encode()), output, kept)
+    try:
+        os.link(temporary, record)
+    except FileExistsError:
+        pass
+    finally:
+        temporary.unlink(missing_ok=True)
+    fsync_folder(folder)
+    recorded = read_plan(folder, output) or plan
+    if recorded.id != plan.id:
+        work_file.unlink(missing_ok=True)
+    return recorded
+
+
+def read_work(folder: Path, plan: Plan) -> list[str] | None:
+    """The keys of the images ``plan`` has to do, in order; None for a run that vggfeat 0.1
+    recorded, without a list."""
+    path = _work_file(folder, plan)
+    try:
+        work = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise _unreadable(path, folder, error) from None
+    if not isinstance(work, list) or not all(isinstance(key, str) for key in work):
+        raise _unreadable(path, folder, "not a list of paths")
+    return work
+
+
+def _unreadable(path: Path, folder: Path, error: object) -> OutputError:
+    return OutputError(
+        f"the unfinished run's list of images {path} cannot be read ({error}); delete "
+        f"{folder} to abandon the run and run again"
+    )
+
+
+def extend_work(folder: Path, output: Path, plan: Plan, work: list[str], kept: str) -> None:
+    """Replace ``plan``'s list of images; only a process holding every shard may."""
+    data = json.dumps(work).encode()
+    write_atomically(_work_file(folder, plan), lambda f: f.write(data), output, kept)
+
+
+def _work_file(folder: Path, plan: Plan) -> Path:
+    return folder / f"work-{plan.id}.json"
+
+
+# Checks before anything changes ---------------------------------------------------------------
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an output whose folder is missing, not a folder, or not ours to write in."""
+    if os.path.isdir(path):  # False, not an error, where the folder cannot be searched
+        raise OutputError(
+            f"output {path} is a folder; give a file name such as {path / 'features.h5'}"
+        )
+    parent = path.parent
+    try:
+        is_folder = stat.S_ISDIR(os.stat(parent).st_mode)
+    except FileNotFoundError:
+        raise OutputError(f"cannot write output {path}: {parent} does not exist") from None
+    except OSError as error:
+        raise OutputError(f"cannot write output {path}: {error.strerror or error}") from None
+    if not is_folder:
+        raise OutputError(f"cannot write output {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write output {path}: no permission to write in {parent}")
+
+
+def check_output(path: Path, settings: Settings) -> None:
+    """The output to continue is a vggfeat file of this format with the same settings."""
+    attributes = read_attributes(path, OUTPUT_ADVICE)
+    if int(attributes["format_version"]) < FORMAT_VERSION:
+        raise OutputError(
+            f"{path} was written by an older vggfeat (format {attributes['format_version']}); "
+            f"this one reads it but continues only format {FORMAT_VERSION}: --overwrite "
+            "recomputes it, -o writes a new file"
+        )
+    try:
+        with open_hdf5(path) as file:
+            counts(file)
+    except (OSError, KeyError, ValueError) as error:
+        raise OutputError(
+            f"{path} is damaged ({str(error).strip().splitlines()[0]}); --overwrite replaces "
+            "it, -o writes a new file"
+        ) from None
+    differences = stored_settings(attributes).differences(settings)
+    if differences:
+        raise OutputError(
+            f"output {path} was written with other settings ({'; '.join(differences)}); "
+            "run with the file's settings to continue it, --overwrite to replace it, "
+            "or -o for a new file"
+        )
+
+
+def stored_settings(attributes: dict[str, Any]) -> Settings:
+    return Settings.from_dict(json.loads(attributes["settings"]))
+
+
+def abandoned(earlier: Plan, layout: Layout) -> bool:
+    """Whether an unfinished run is to be thrown away: --overwrite with other settings."""
+    return bool(earlier.layout.settings.differences(layout.settings))
+
+
+def check_unfinished(
+    earlier: Plan, path: Path, settings: Settings, overwrite: bool, shard_count: int | None
+) -> None:
+    """Refuse a run that does not fit the unfinished one in the parts folder."""
+    folder = parts_folder(path)
+    differences = earlier.layout.settings.differences(settings, "in the unfinished run")
+    how = "with --overwrite " if earlier.overwrite else ""
+    if differences and not overwrite:
+        command = earlier.layout.attributes.get("command", "")
+        raise OutputError(
+            f"output {path} has an unfinished run {how}with other settings "
+            f"({'; '.join(differences)}) in {folder}; finish it first ({command}), "
+            f"or --overwrite to replace it with this run, or delete {folder} to abandon it"
+        )
+    if differences:
+        return  # --overwrite starts again
+    if earlier.overwrite != overwrite:
+        if earlier.overwrite:
+            raise OutputError(
+                f"output {path} has an unfinished --overwrite run in {folder}; add --overwrite "
+                f"to finish it, or delete {folder} to abandon it and keep {path} as it is"
+            )
+        raise OutputError(
+            f"output {path} has an unfinished run that adds to it in {folder}; run without "
+            f"--overwrite to finish it, or delete {folder} to abandon it first"
+        )
+    if shard_count is not None and shard_count != earlier.shards:
+        raise OutputError(
+            f"output {path} has an unfinished run split into {earlier.shards} shards; "
+            f"run --shard K/{earlier.shards} for each K, or without --shard to finish them all"
+        )
+
+
+# Shards: their locks and records -------------------------------------------------------------
+
+
+def lock_shards(folder: Path, path: Path, count: int, wanted: Iterable[int]) -> dict[int, Lock]:
+    """Locks on the ``wanted`` shards of ``count``; refused at once if another process holds one."""
+    locks: dict[int, Lock] = {}
+    try:
+        for index in wanted:
+            lock = Lock.take(folder / f"shard-{index:04d}.lock")
+            if lock is None:
+                holder = Lock.holder(folder / f"shard-{index:04d}.lock")
+                what = (
+                    f"output {path} is in use"
+                    if count == 1
+                    else f"shard {index}/{count} of output {path} is being done"
+                )
+                raise OutputError(
+                    f"{what} by process {holder}; wait for it to finish, or choose another -o"
+                )
+            locks[index] = lock
+    except BaseException:
+        for lock in locks.values():
+            lock.close()
+        raise
+    return locks
+
+
+def finished(folder: Path, shard: int) -> bool:
+    return (folder / f"shard-{shard:04d}.json").exists()
+
+
+def unfinish(folder: Path, shard: int) -> None:
+    """Take back shard ``shard``'s record of being done: some of its work was lost."""
+    (folder / f"shard-{shard:04d}.json").unlink(missing_ok=True)
+
+
+def record_finished(
+    folder: Path, shard: int, attributes: dict[str, Any], output: Path, kept: str
+) -> None:
+    """Record that ``shard`` has done its share, with what computed it."""
+    data = json.dumps({"attributes": attributes}).encode()
+    write_atomically(folder / f"shard-{shard:04d}.json", lambda f: f.write(data), output, kept)
+
+
+def shard_records(folder: Path) -> list[dict[str, Any]]:
+    """What each finished shard recorded about computing its share."""
+    found = []
+    for record in sorted(folder.glob("shard-[0-9][0-9][0-9][0-9].json")):
+        try:
+            learnt = json.loads(record.read_text()).get("attributes", {})
+            if not isinstance(learnt, dict):
+                raise TypeError("not an object")
+            json.loads(learnt.get("rows_per_node", "{}")).items()
+        except (OSError, ValueError, AttributeError, TypeError) as error:
+            raise OutputError(
+                f"{record} is damaged ({error}); delete it, and the same command "
+                "finishes that shard again"
+            ) from None
+        found.append(learnt)
+    return found
+
+
+def clear(folder: Path) -> None:
+    """Throw away an unfinished run's work: parts, records, its list, a half-built output."""
+    for stale in [
+        *folder.glob("part-*.npz"),
+        *folder.glob("shard-*.json"),
+        *folder.glob("work-*.json"),
+        folder / "assembling.h5",
+        folder / "run.json",
+    ]:
+        stale.unlink(missing_ok=True)

@@ -1,0 +1,472 @@
+"""The store's face to a run: what is done, this process's shares of the work, its commits.
+
+``RunWriter.open`` runs every check that can refuse the command before
+anything on disk changes, records the run's plan and its list of images (or
+joins the run already recorded), and holds an exclusive lock on each shard it
+works on: every unfinished shard for a plain run, one with ``--shard``.
+
+Rows arrive a batch at a time. A batch joins the buffer whole, already in the
+stored dtype, and the buffer is committed whole as one part: there is no
+moment at which a part could hold paths without their features.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vggfeat.atomic import RESERVE_BYTES, Lock, require_space
+from vggfeat.errors import OutputError
+from vggfeat.images import Failure, Source
+from vggfeat.interrupts import signals_deferred
+from vggfeat.store.assemble import Assembler, Assembly, assembled_by
+from vggfeat.store.hdf5 import read_attributes, stored_stamps
+from vggfeat.store.identity import Identity, Stamp, home_of, output_path, parts_folder
+from vggfeat.store.journal import (
+    COMMIT_BYTES,
+    COMMIT_IMAGES,
+    COMMIT_SECONDS,
+    Journal,
+    PartDamaged,
+    shard_of,
+    stamps_of,
+)
+from vggfeat.store.layout import Layout, Rows
+from vggfeat.store.plan import (
+    Plan,
+    Shard,
+    abandoned,
+    check_output,
+    check_unfinished,
+    check_writable,
+    claim,
+    clear,
+    extend_work,
+    finished,
+    lock_shards,
+    read_plan,
+    read_work,
+    record_finished,
+    stored_settings,
+    unfinish,
+)
+
+#: Rows of the output not among a run's inputs that are checked for a file that is gone.
+MISSING_CHECKS = 100_000
+
+
+class PruneEverything(OutputError):
+    """``--prune`` would drop every row of a file: confirm with ``--yes``."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Computed rows on their way to a part: one source per image, one array per layer."""
+
+    sources: tuple[Source, ...]
+    features: tuple[np.ndarray, ...]
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    """The images one shard of this process still has to do, as paths to read."""
+
+    index: int
+    paths: list[str]
+
+
+@dataclass
+class _Buffer:
+    batches: list[Batch] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return sum(len(b.sources) for b in self.batches) + len(self.failures)
+
+
+class RunWriter:
+    """One process's share of a run: what is done, what it has to do, and its commits."""
+
+    def __init__(
+        self,
+        path: Path,
+        plan: Plan,
+        locks: dict[int, Lock],
+        identity: Identity,
+        stored: tuple[dict[str, Stamp], dict[str, Stamp]],
+    ) -> None:
+        self.path = path
+        self.folder = parts_folder(path)
+        self.plan = plan
+        self.identity = identity
+        self.journal = Journal(self.folder, path, plan.layout)
+        self.stored_rows, self.stored_failed = stored
+        self.notices: list[str] = []
+        """Things a person should know that stop nothing (a damaged part set aside, say)."""
+        self.commit_images = COMMIT_IMAGES
+        self.work: list[ShardWork] = []
+        self.already = self.left_for_later = 0
+        self._locks = locks
+        self._candidates: dict[str, str] = {}
+        self._in_parts: dict[str, Stamp] = {}
+        self._buffer = _Buffer()
+        self._last_commit = time.monotonic()
+        self._shard = min(locks, default=1)
+
+    # Opening ---------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        output: str | os.PathLike,
+        layout: Layout,
+        images: Sequence[str],
+        *,
+        overwrite: bool = False,
+        shard: Shard | None = None,
+        update: bool = False,
+    ) -> RunWriter:
+        """Check ``output`` can take this run, plan it, and lock the shards this process does.
+
+        ``images`` are the paths this run was given, in discovery order. Raises
+        ``OutputError`` (changing nothing on disk) when the output cannot be
+        written, is another program's file or damaged, holds other settings,
+        has an unfinished run of other settings, or its shard is in use.
+        """
+        path = output_path(output)
+        check_writable(path)
+        if path.exists() and not overwrite:
+            check_output(path, layout.settings)
+            layout = layout.named_as(stored_settings(read_attributes(path)))
+        folder = parts_folder(path)
+        earlier = read_plan(folder, path)
+        count = shard.count if shard else None
+        if earlier is not None:
+            check_unfinished(earlier, path, layout.settings, overwrite, count)
+        try:
+            folder.mkdir(exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"cannot write output {path}: {error.strerror or error}") from None
+        if earlier is not None and abandoned(earlier, layout):
+            # --overwrite with other settings: the unfinished run is thrown away.
+            every = lock_shards(folder, path, earlier.shards, range(1, earlier.shards + 1))
+            clear(folder)
+            for lock in every.values():
+                lock.close()
+            earlier = None
+        shards = earlier.shards if earlier else count or 1
+        locks = lock_shards(folder, path, shards, [shard.index] if shard else range(1, shards + 1))
+        try:
+            writer = cls._planned(
+                path,
+                layout,
+                images,
+                overwrite=overwrite,
+                update=update,
+                earlier=earlier,
+                locks=locks,
+                shards=shards,
+            )
+            require_space(folder, RESERVE_BYTES, "start", path, writer.journal.kept())
+            return writer
+        except BaseException:
+            for lock in locks.values():
+                lock.close()
+            raise
+
+    @classmethod
+    def _planned(
+        cls,
+        path: Path,
+        layout: Layout,
+        images: Sequence[str],
+        *,
+        overwrite: bool,
+        update: bool,
+        earlier: Plan | None,
+        locks: dict[int, Lock],
+        shards: int,
+    ) -> RunWriter:
+        """The run planned: its record claimed (or joined), damaged parts set aside, and
+        this process's shares of the work."""
+        folder = parts_folder(path)
+        journal = Journal(folder, path, layout)
+        for index in locks:
+            journal.clean_after(index)
+        rebuilt = overwrite and not (earlier and assembled_by(path, earlier))
+        empty: dict[str, Stamp] = {}
+        stored = (empty, empty) if rebuilt or not path.exists() else stored_stamps(path)
+        identity = Identity(home_of(path))
+        candidates: dict[str, str] = {}
+        for image in images:
+            candidates.setdefault(identity.key(image), image)  # one image, however named
+        done = stored[0] | stored[1]
+        basis = [
+            key for key, image in candidates.items() if _needs_work(image, done.get(key), update)
+        ]
+        plan = claim(folder, path, Plan(uuid.uuid4().hex, layout, shards, overwrite), basis)
+        check_unfinished(plan, path, layout.settings, overwrite, None)
+        if plan.shards != shards:
+            raise OutputError(
+                f"another run of {path} started at the same moment; run the command again"
+            )
+        writer = cls(path, plan, locks, identity, stored)
+        writer._candidates = candidates
+        writer._read_journal()
+        for index in [i for i in locks if finished(folder, i)]:
+            locks.pop(index).close()
+        writer._share_out(update, basis)
+        return writer
+
+    def _read_journal(self) -> None:
+        """What the whole parts hold; damaged ones are moved out of the journal, so that
+        their images are computed again."""
+        for part, read in self.journal.done():
+            if not isinstance(read, PartDamaged):
+                self._in_parts.update(stamps_of(read))
+                continue
+            shard = shard_of(part)
+            borrowed = (
+                None if shard in self._locks else Lock.take(self.folder / f"shard-{shard:04d}.lock")
+            )
+            if shard not in self._locks and borrowed is None:
+                continue  # its shard's process is running: it sees to the part itself
+            try:
+                aside = self.journal.set_aside(part)
+                unfinish(self.folder, shard)
+            finally:
+                if borrowed is not None:
+                    borrowed.close()
+            self.notices.append(f"{read.part} is damaged ({read.reason}); set aside as "
+                                f"{aside.name}, its images are computed again")  # fmt: skip
+
+    def _share_out(self, update: bool, basis: list[str]) -> None:
+        """Each held shard's images still to do, from the run's list; how many are done.
+
+        A run recorded by vggfeat 0.1 has no list: this run's own ``basis`` stands in.
+        """
+        work = read_work(self.folder, self.plan)
+        if work is None:
+            work = basis
+            if len(self._locks) == self.plan.shards:
+                extend_work(self.folder, self.path, self.plan, work, self.journal.kept())
+        in_parts = self._in_parts
+        mine = [i for i in sorted(self._locks) if not finished(self.folder, i)]
+        listed = set(work)
+        done = self.stored_rows | self.stored_failed
+        extras = [
+            key
+            for key, image in self._candidates.items()
+            if key not in listed
+            and key not in in_parts
+            and _needs_work(image, done.get(key), update)
+        ]
+        if extras and mine == [1] and self.plan.shards == 1:
+            work = [*work, *extras]
+            extend_work(self.folder, self.path, self.plan, work, self.journal.kept())
+            extras = []
+        busy: set[str] = set()
+        for index in range(1, self.plan.shards + 1):
+            share = Shard(index, self.plan.shards).share(work)
+            if index in mine:
+                todo = [k for k in share if _needs_work(self._path(k), in_parts.get(k), update)]
+                self.work.append(ShardWork(index, [self._path(key) for key in todo]))
+                busy.update(todo)
+            elif not finished(self.folder, index):
+                busy.update(share)  # another process's
+        busy.update(extras)
+        self.left_for_later = len(extras)
+        self.already = sum(1 for key in self._candidates if key not in busy)
+
+    def _path(self, key: str) -> str:
+        """The path to read the image of ``key`` from: as given, where this run was given it."""
+        return self._candidates.get(key) or self.identity.path(key)
+
+    # What is done -----------------------------------------------------------------------------
+
+    @property
+    def in_parts(self) -> dict[str, Stamp]:
+        """Every key committed in whole parts when the run was opened, with its stamp."""
+        return self._in_parts
+
+    @property
+    def shards(self) -> list[int]:
+        """The shards this process has to do, in order."""
+        return sorted(self._locks)
+
+    def gone(self) -> set[str]:
+        """Keys of the output (rows and failures) whose files no longer exist."""
+        stored = self.stored_rows | self.stored_failed
+        return {key for key in stored if self.identity.locate(key) is None}
+
+    def pruned(self, yes: bool) -> set[str]:
+        """What ``--prune`` drops; refuses to drop every row unless ``yes``."""
+        gone = self.gone()
+        rows = self.stored_rows
+        if rows and all(key in gone for key in rows) and not yes:
+            raise PruneEverything(
+                f"--prune would drop all {len(rows):,} rows of {self.path}: none of their files "
+                f"exist as seen from {self.identity.home}; check the file and its images are "
+                "where they were, or add --yes to drop them"
+            )
+        return gone
+
+    def missing_rows(self) -> int | None:
+        """Rows of the output, not among this run's images, whose files are gone; None when
+        there are too many such rows to look at each."""
+        others = [key for key in self.stored_rows if key not in self._candidates]
+        if len(others) > MISSING_CHECKS:
+            return None
+        return sum(1 for key in others if self.identity.locate(key) is None)
+
+    # Writing -------------------------------------------------------------------------------
+
+    def begin(self, shard: int) -> None:
+        """Commit what is buffered; the rows that follow belong to ``shard``."""
+        self.commit()
+        self._shard = shard
+
+    def append(self, sources: Sequence[Source], features: Sequence[np.ndarray]) -> None:
+        """Add one row per source; ``features`` holds one (len(sources), ...) array per layer.
+
+        The batch is converted to the stored dtype before it joins the buffer,
+        so an interrupt during the conversion leaves the buffer as it was.
+        Commits a part when enough rows, bytes or time have gathered.
+        """
+        dtype = np.dtype(self.plan.layout.settings.dtype)
+        batch = Batch(tuple(sources), tuple(np.asarray(f, dtype) for f in features))
+        if any(len(values) != len(batch.sources) for values in batch.features):
+            raise ValueError("internal: a batch's features do not match its images")
+        self._buffer.batches.append(batch)
+        self._commit_if_due()
+
+    def add_failures(self, failures: Sequence[Failure]) -> None:
+        """Record files that could not be used; committed like rows."""
+        self._buffer.failures.extend(failures)
+        self._commit_if_due()
+
+    def _commit_if_due(self) -> None:
+        images = sum(len(batch.sources) for batch in self._buffer.batches)
+        if (
+            len(self._buffer) >= self.commit_images
+            or images * self.plan.layout.row_bytes >= COMMIT_BYTES
+            or time.monotonic() - self._last_commit >= COMMIT_SECONDS
+        ):
+            self.commit()
+
+    def commit(self) -> None:
+        """Write what is buffered as one part, atomically; nothing if nothing is buffered.
+
+        Signals wait until the part is written and the buffer emptied, so a
+        Ctrl-C handler that commits again never writes the same rows twice.
+        """
+        if not len(self._buffer):
+            return
+        with signals_deferred():
+            self.journal.write(self._shard, self._rows(self._buffer))
+            self._buffer = _Buffer()
+            self._last_commit = time.monotonic()
+
+    def buffered(self) -> int:
+        """Images and failures computed but not committed yet."""
+        return len(self._buffer)
+
+    def _rows(self, buffer: _Buffer) -> Rows:
+        sources = [s for batch in buffer.batches for s in batch.sources]
+        layout = self.plan.layout
+        features = tuple(
+            np.concatenate([b.features[i] for b in buffer.batches])
+            if buffer.batches
+            else np.zeros((0, *spec.shape), layout.settings.dtype)
+            for i, spec in enumerate(layout.layers)
+        )
+        return Rows(
+            paths=[self.identity.key(source.path) for source in sources],
+            size=np.array([source.size for source in sources], np.int64),
+            mtime_ns=np.array([source.mtime_ns for source in sources], np.int64),
+            features=features,
+            failed_paths=[self.identity.key(f.path) for f in buffer.failures],
+            failed_reasons=[f.reason for f in buffer.failures],
+            failed_size=np.array([f.size for f in buffer.failures], np.int64),
+            failed_mtime_ns=np.array([f.mtime_ns for f in buffer.failures], np.int64),
+        )
+
+    def finish_shard(self, shard: int, attributes: dict[str, object]) -> None:
+        """Commit, and record that ``shard`` has done its share, with what computed it."""
+        self.commit()
+        record_finished(self.folder, shard, attributes, self.path, self.journal.kept())
+
+    def unfinished_shards(self) -> list[int]:
+        """Shards of the run that have not done their share yet."""
+        return [i for i in range(1, self.plan.shards + 1) if not finished(self.folder, i)]
+
+    def assemble(self, prune: set[str] | None = None) -> Assembly | None:
+        """Write the output from the parts, once every shard is done; None if some are not.
+
+        Only one process assembles: another that finishes at the same moment
+        leaves it to the first. Removes the parts folder when done.
+        """
+        if self.unfinished_shards():
+            return None
+        try:
+            lock = Lock.take(self.folder / "assemble.lock")
+        except FileNotFoundError:
+            return None  # another process assembled and removed the folder
+        if lock is None:
+            return None
+        try:
+            if not self.folder.exists():
+                return None
+            try:
+                result = Assembler(self.plan, self.journal, self.path, prune or set()).run()
+            except PartDamaged as damage:
+                self.journal.set_aside(damage.part)
+                unfinish(self.folder, shard_of(damage.part))
+                raise OutputError(
+                    f"{damage.part} is damaged ({damage.reason}); it was set aside, and the "
+                    "same command computes its images again"
+                ) from None
+        finally:
+            lock.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return result
+
+    def close(self) -> None:
+        """Release the locks; committed parts stay for the next run to continue from."""
+        for lock in self._locks.values():
+            lock.close()
+        self._locks = {}
+
+    def discard(self) -> None:
+        """Release the locks; remove the parts folder if it holds no work and no one uses it."""
+        others = [i for i in range(1, self.plan.shards + 1) if i not in self._locks]
+        held = [Lock.take(self.folder / f"shard-{i:04d}.lock") for i in others]
+        try:
+            idle = all(lock is not None for lock in held)
+            if idle and not self.journal.parts() and not any(self.folder.glob("shard-*.json")):
+                shutil.rmtree(self.folder, ignore_errors=True)
+        finally:
+            for lock in held:
+                if lock is not None:
+                    lock.close()
+            self.close()
+
+
+def _needs_work(path: str, done: Stamp | None, update: bool) -> bool:
+    """Whether the image at ``path`` is new, or, with ``update``, changed since ``done``."""
+    if done is None:
+        return True
+    if not update:
+        return False
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False  # gone: kept unless pruned
+    return Stamp(info.st_size, info.st_mtime_ns) != done
