@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -119,6 +119,22 @@ class Catalogue:
                 shapes[layer.name] = [(math.prod(previous), layer.width), (layer.width,)]
             previous = facts.output_shape
         return shapes
+
+    def activation_bytes(self, cuts: Sequence[Layer]) -> int:
+        """Bytes of float32 activations one image needs at the peak of a forward pass to the
+        deepest of ``cuts``: each layer's input and output live together, and the output
+        of every requested layer is kept until the end."""
+        deepest = max(self.layers.index(self.facts(layer)) for layer in cuts)
+        image = self.image_size * self.image_size * 3
+        previous = image * 4  # the preprocessed input, float32
+        kept = peak = image  # the uint8 pixels
+        for facts in self.layers[: deepest + 1]:
+            output = math.prod(facts.output_shape) * 4
+            peak = max(peak, kept + previous + output)
+            if facts.layer in cuts:
+                kept += output
+            previous = output
+        return peak
 
     def facts(self, layer: Layer) -> LayerFacts:
         for facts in self.layers:
@@ -269,7 +285,7 @@ def _layer_cost(layer: Layer, shape: tuple[int, ...]) -> tuple[int, int, tuple[i
 
 
 def _keras_layer(
-    keras, layer: Layer, initialisers: Sequence[Callable | str], dtype: str | None
+    keras: Any, layer: Layer, initialisers: Sequence[Callable | str], dtype: str | None
 ) -> keras.Layer:
     if layer.kind == "pool":
         return keras.layers.MaxPooling2D((2, 2), strides=(2, 2), name=layer.name, dtype=dtype)
@@ -293,7 +309,7 @@ def _glorot(seed: int) -> tuple[Callable, str]:
     """Keras's default initialisers (Glorot uniform kernel, zero bias), drawn by NumPy: a
     seed gives the same weights on every backend (each backend's own generator differs)."""
 
-    def draw(shape, dtype=None):
+    def draw(shape: tuple[int, ...], dtype: object = None) -> np.ndarray:
         receptive = math.prod(shape[:-2])
         limit = math.sqrt(6 / ((shape[-2] + shape[-1]) * receptive))
         # Drawn in float32 and scaled in place: fc6's kernel in float64 would be 822 MB.

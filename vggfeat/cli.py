@@ -12,20 +12,30 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from enum import IntEnum
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
 from vggfeat.architecture import DEPTHS, POOLINGS, TOP_IMAGE_SIZE, Architecture, Catalogue, vgg
-from vggfeat.engine import ENGINES, STALL_SECONDS
+from vggfeat.engine import ENGINES, EngineOptions, engine_options, option_names
 from vggfeat.errors import OptionError, VggfeatError
 from vggfeat.export import FORMATS, NORMALIZATIONS, tsv_field
 from vggfeat.images import RESIZE_MODES
 from vggfeat.network import PRECISIONS
+from vggfeat.ray_engine import STALL_SECONDS
 from vggfeat.runtime import BACKENDS
 from vggfeat.store import COMMIT_IMAGES, COMPRESSIONS, STORED_DTYPES
 from vggfeat.weights import published_files
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress as RichProgress
+    from rich.progress import TaskID
+
+    from vggfeat.pipeline import Progress, Summary
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -46,6 +56,25 @@ class ExitCode(IntEnum):
     """SIGTERM: as for Ctrl-C."""
 
 
+class _BatchSize(click.ParamType):
+    """A number of images, or ``auto``: the largest batch that is fast and fits."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "auto":
+            return None
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is not a number of images (1 or more) or auto", param, ctx)
+        return number
+
+
 class _BadOption(click.ClickException):
     """A bad option value: one line, exit 2."""
 
@@ -56,13 +85,15 @@ class _Commands(click.Group):
     """Shows a ``VggfeatError`` from any command as one line on stderr: exit 2 for a bad
     option value, 1 for anything else."""
 
-    def make_context(self, *args, **kwargs) -> click.Context:
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         # --help and --version print here, before any command runs.
         try:
             return super().make_context(*args, **kwargs)
         except BrokenPipeError:
             _drop_stdout()
             raise click.exceptions.Exit(ExitCode.OK) from None
+        except KeyboardInterrupt:
+            raise _stopped() from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -70,10 +101,24 @@ class _Commands(click.Group):
         except BrokenPipeError:
             _drop_stdout()
             ctx.exit(ExitCode.OK)
+        except KeyboardInterrupt:
+            raise _stopped() from None
         except OptionError as error:
-            raise _BadOption(str(error)) from error
+            raise _BadOption(_with_notes(error)) from error
         except VggfeatError as error:
-            raise click.ClickException(str(error)) from error
+            raise click.ClickException(_with_notes(error)) from error
+
+
+def _stopped() -> click.exceptions.Exit:
+    """Ctrl-C before a command had anything to keep (Click itself would say "Aborted!", 1)."""
+    click.echo("Stopped.", err=True)
+    return click.exceptions.Exit(ExitCode.INTERRUPTED)
+
+
+def _with_notes(error: BaseException) -> str:
+    """An error's message, and on lines of their own the notes the library added (what
+    else went wrong while it stopped)."""
+    return "\n".join([str(error), *getattr(error, "__notes__", ())])
 
 
 def _drop_stdout() -> None:
@@ -87,7 +132,10 @@ def _drop_stderr() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
-def depth_option(command):
+Decorated = Callable[..., Any]
+
+
+def depth_option(command: Decorated) -> Decorated:
     return click.option(
         "--depth",
         type=click.Choice([str(d) for d in DEPTHS]),
@@ -98,14 +146,16 @@ def depth_option(command):
     )(command)
 
 
-def choice_option(name: str, choices: tuple[str, ...], help: str):
+def choice_option(
+    name: str, choices: tuple[str, ...], help: str
+) -> Callable[[Decorated], Decorated]:
     """An option taking one of ``choices``, the first being the default."""
     return click.option(
         name, type=click.Choice(choices), default=choices[0], show_default=True, help=help
     )
 
 
-def image_size_option(command):
+def image_size_option(command: Decorated) -> Decorated:
     return click.option(
         "--image-size",
         type=int,
@@ -193,12 +243,9 @@ def _info_facts(architecture: Architecture, catalogue: Catalogue) -> dict[str, A
 
 
 def _print_info(architecture: Architecture, catalogue: Catalogue) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(soft_wrap=True)
-    # rich would exit 1 on a closed pipe; the command's own handler makes it a quiet 0.
-    console.on_broken_pipe = _raise_broken_pipe
+    console = _console(soft_wrap=True)
     size = catalogue.image_size
     table = Table(
         title=f"{architecture.name} at {size}x{size}",
@@ -249,8 +296,16 @@ def _print_info(architecture: Architecture, catalogue: Catalogue) -> None:
         console.print(f"ImageNet weights for {entry['serves']}: {entry['path']} ({state})")
 
 
-def _raise_broken_pipe() -> None:
-    raise BrokenPipeError
+def _console(**options: Any) -> Console:
+    """A rich console on which a closed pipe raises ``BrokenPipeError``: rich's own handling
+    exits 1, and the command's handler makes a reader going away (``| head``) a quiet 0."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+
+    return _Console(**options)
 
 
 def _giga(count: int) -> str:
@@ -278,7 +333,7 @@ def show(file: str, list_failed: bool, as_json: bool) -> None:
       vggfeat show features.h5 --failed | cut -f2 | sort | uniq -c
       vggfeat show features.h5 --json | jq .layers
     """
-    from vggfeat.store import describe_file
+    from vggfeat.show import describe_file
 
     facts = describe_file(file)
     if list_failed and as_json:
@@ -306,8 +361,26 @@ def show(file: str, list_failed: bool, as_json: bool) -> None:
         )
     for key, value in facts["attributes"].items():
         click.echo(f"  {key}: {value}")
+    for number, run in enumerate(facts["runs"], start=1):
+        click.echo(f"  run {number}: {_run_line(run)}")
     for reason, count in facts["failed"].items():
         click.echo(f"  failed {count:,}: {reason}")
+    for line in facts["damaged"]:
+        click.echo(f"Note: {line}", err=True)
+
+
+def _run_line(run: dict[str, Any]) -> str:
+    """One run of a file's ``/runs``: when, what it changed, what computed it, how."""
+    changes = [f"{_count(run.get('rows_added', 0), 'row')} added"]
+    for key, word in (("rows_replaced", "replaced"), ("rows_dropped", "dropped")):
+        if run.get(key):
+            changes.append(f"{run[key]:,} {word}")
+    device = run.get("device") or run.get("backend", "")
+    return (
+        f"{run.get('finished', '?')}, {', '.join(changes)}, {run.get('engine') or 'local'}"
+        + (f", {device}" if device else "")
+        + f": {run.get('command', '')}"
+    )
 
 
 @cli.command(context_settings=CONTEXT)
@@ -341,7 +414,16 @@ def show(file: str, list_failed: bool, as_json: bool) -> None:
     metavar="FILE",
     help="Also write each row's path to FILE, one a line (tsv-escaped), aligned with the rows.",
 )
-def export(file, format_, output, layer, normalize, no_paths, no_header, paths_to) -> None:
+def export(
+    file: str,
+    format_: str | None,
+    output: str,
+    layer: str | None,
+    normalize: str | None,
+    no_paths: bool,
+    no_header: bool,
+    paths_to: str | None,
+) -> None:
     """Write one layer of a features file as npy, csv, tsv, jsonl, fvecs or parquet.
 
     One row per image, in the file's row order. Text formats put the path
@@ -401,6 +483,8 @@ def export(file, format_, output, layer, normalize, no_paths, no_header, paths_t
         click.echo(f"Stopped.{written}", err=True)
         sys.exit(ExitCode.TERMINATED if isinstance(stop, Terminated) else ExitCode.INTERRUPTED)
     shape = "x".join(map(str, exported.shape))
+    for line in exported.damaged:
+        click.echo(f"Note: {line}; the rows it holds are not in the export.", err=True)
     if exported.pending:
         click.echo(
             f"Note: {file} is from a run that has not finished; {exported.pending:,} of the "
@@ -478,9 +562,11 @@ def devices(as_json: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --weights random.")
 @click.option(
     "--batch-size",
-    type=click.IntRange(min=1),
-    metavar="N",
-    help="Images per network call.  [default: 32 on a GPU, 8 on a CPU]",
+    type=_BatchSize(),
+    default="auto",
+    metavar="N|auto",
+    help="Images per network call.  [default: auto: 32 on a GPU, 8 on a CPU, fewer if memory "
+    "is short]",
 )
 @image_size_option
 @choice_option(
@@ -545,7 +631,7 @@ def devices(as_json: bool) -> None:
 )
 @choice_option(
     "--engine",
-    ENGINES,
+    tuple(ENGINES),
     "local: threads and one network here; ray: a Ray cluster's CPUs and GPUs (vggfeat[ray]).",
 )
 @click.option(
@@ -580,7 +666,20 @@ def devices(as_json: bool) -> None:
     help="Replace the output (once this run completes) instead of continuing it.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no summary.")
-def extract(inputs, output, files_from, strict, quiet, **options) -> None:
+def extract(
+    inputs: tuple[str, ...],
+    output: str,
+    files_from: IO[str] | None,
+    strict: bool,
+    quiet: bool,
+    engine: str,
+    ray_address: str | None,
+    actors: int | None,
+    gpus_per_actor: float | None,
+    stall_timeout: float | None,
+    verbose: bool,
+    **options: Any,
+) -> None:
     """Extract VGG features of every image under INPUT into one HDF5 file.
 
     INPUT is a folder (searched recursively, in sorted order, for .jpg .jpeg
@@ -607,35 +706,43 @@ def extract(inputs, output, files_from, strict, quiet, **options) -> None:
       vggfeat extract photos/ --shard 3/16         # one of 16 jobs (SLURM, cron, ...)
       vggfeat extract /shared/photos -o /shared/f.h5 --engine ray --ray-address auto
     """
+    from vggfeat.options import ExtractOptions
     from vggfeat.pipeline import Interrupted
     from vggfeat.pipeline import extract as run_extract
+    from vggfeat.store import PruneEverything
 
     if not inputs and files_from is None:
         raise click.UsageError("give at least one INPUT folder or file, or --files-from")
-    from vggfeat.store import PruneEverything
-
-    command = shlex.join(["vggfeat", *sys.argv[1:]])
+    try:
+        chosen = ExtractOptions.make(
+            inputs,
+            output,
+            files_from=files_from or (),
+            command=shlex.join(["vggfeat", *sys.argv[1:]]),
+            engine=_engine_options(
+                engine,
+                ray_address=ray_address,
+                actors=actors,
+                gpus_per_actor=gpus_per_actor,
+                stall_timeout=stall_timeout,
+                verbose=verbose,
+            ),
+            **options,
+        )
+    except OptionError as error:
+        raise _BadOption(str(error)) from error
     view = _ProgressView(quiet)
     try:
         with view:
             try:
-                summary = run_extract(
-                    inputs,
-                    output,
-                    files_from=files_from or (),
-                    on_progress=view.update,
-                    command=command,
-                    **options,
-                )
+                summary = run_extract(chosen, on_progress=view.update, on_notice=view.notice)
             except PruneEverything as refusal:
                 if not (sys.stdin.isatty() and sys.stderr.isatty()):
                     raise
                 view.pause()
                 click.confirm(f"{refusal}. Drop them", err=True, abort=True)
-                options["yes"] = True
-                summary = run_extract(
-                    inputs, output, on_progress=view.update, command=command, **options
-                )
+                confirmed = replace(chosen, yes=True)
+                summary = run_extract(confirmed, on_progress=view.update, on_notice=view.notice)
     except Interrupted as stop:
         kept = (
             f"Completed work is kept in {stop.parts}; run the same command to continue."
@@ -643,6 +750,8 @@ def extract(inputs, output, files_from, strict, quiet, **options) -> None:
             else "No image was finished."
         )
         click.echo(f"Stopped. {kept}", err=True)
+        for note in getattr(stop, "__notes__", ()):
+            click.echo(note, err=True)
         sys.exit(stop.exit_code)
     if not quiet:
         try:
@@ -653,19 +762,42 @@ def extract(inputs, output, files_from, strict, quiet, **options) -> None:
         sys.exit(ExitCode.SOME_FAILED)
 
 
+#: Flags of engines' own options, and the field of the options class each sets.
+ENGINE_FLAGS = {
+    "ray_address": "address",
+    "actors": "actors",
+    "gpus_per_actor": "gpus_per_actor",
+    "stall_timeout": "stall_timeout",
+    "verbose": "verbose",
+}
+
+
+def _engine_options(name: str, **flags: Any) -> EngineOptions:
+    """The chosen engine's options from its flags; flags of other engines refused."""
+    given = {
+        flag: value for flag, value in flags.items() if value is not None and value is not False
+    }
+    fields = option_names(name)
+    foreign = [flag for flag in given if ENGINE_FLAGS[flag] not in fields]
+    if foreign:
+        owners = [e for e in ENGINES if e != name and all(ENGINE_FLAGS[f] in option_names(e)
+                                                              for f in foreign)]  # fmt: skip
+        shown = " and ".join("--" + flag.replace("_", "-") for flag in foreign)
+        verb = "works" if len(foreign) == 1 else "work"
+        raise OptionError(f"{shown} {verb} with --engine {' or '.join(owners) or 'other'} only")
+    return engine_options(name, **{ENGINE_FLAGS[flag]: value for flag, value in given.items()})
+
+
 class _ProgressView:
     """Progress on stderr: a rich bar on a terminal, a line every few seconds elsewhere."""
 
     PLAIN_EVERY = 10.0
 
     def __init__(self, quiet: bool) -> None:
-        from rich.console import Console
-
         self.quiet = quiet
-        self.console = Console(stderr=True)
-        self.console.on_broken_pipe = _raise_broken_pipe  # rich's own exits 1
-        self.bar = None
-        self.task = None
+        self.console = _console(stderr=True)
+        self.bar: RichProgress | None = None
+        self.task: TaskID | None = None
         self.last_line = time.monotonic()  # the first line when there is a rate to show
 
     def __enter__(self) -> _ProgressView:
@@ -691,7 +823,7 @@ class _ProgressView:
             self.task = self.bar.add_task("starting", total=None, rate="", failed="")
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.pause()
 
     def pause(self) -> None:
@@ -699,7 +831,19 @@ class _ProgressView:
             self.bar.__exit__(None, None, None)
             self.bar = None
 
-    def update(self, progress) -> None:
+    def notice(self, line: str) -> None:
+        """Show a line the run says stops nothing (a batch capped, a damaged part set aside)."""
+        if self.quiet:
+            return
+        try:
+            self.console.print(
+                f"Note: {_printable(line)}", highlight=False, markup=False, soft_wrap=True
+            )
+        except BrokenPipeError:
+            _drop_stderr()
+            self.quiet = True
+
+    def update(self, progress: Progress) -> None:
         """Show ``progress``; a reader of stderr that went away (| head) stops the messages,
         never the run."""
         if self.quiet:
@@ -710,7 +854,7 @@ class _ProgressView:
             _drop_stderr()
             self.quiet = True
 
-    def _show(self, progress) -> None:
+    def _show(self, progress: Progress) -> None:
         if progress.done == 0:
             if progress.already and progress.total:
                 self.console.print(
@@ -719,7 +863,7 @@ class _ProgressView:
                 )
             return
         rate = progress.done / progress.elapsed if progress.elapsed > 0 else 0.0
-        if self.bar is not None:
+        if self.bar is not None and self.task is not None:
             self.bar.update(
                 self.task,
                 description="extracting",
@@ -762,54 +906,19 @@ def _count(number: int, noun: str) -> str:
     return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
 
-def _print_summary(summary) -> None:
-    from rich.console import Console
-
-    console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
-    console.on_broken_pipe = _raise_broken_pipe
-    timings = summary.timings
-    failed = len(summary.failures)
-    if not summary.assembled:
-        console.print(
-            f"Shard {summary.shard} done: {_count(summary.computed, 'image')} computed, "
-            f"{failed:,} failed, {summary.already:,} done before. Waiting for "
-            f"{'shard' if len(summary.waiting_for) == 1 else 'shards'} "
-            f"{', '.join(map(str, summary.waiting_for))}; "
-            f"the last to finish writes {summary.output}."
-        )
-    elif not (summary.computed or failed or summary.stored or summary.replaced or summary.dropped):
-        every = "the 1 image is" if summary.already == 1 else f"all {summary.already:,} images are"
-        console.print(
-            f"Nothing new: {every} already in {summary.output} ({_count(summary.rows, 'row')})."
-        )
+def _print_summary(summary: Summary) -> None:
+    console = _console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
+    for line in [_headline(summary), *_remarks(summary)]:
+        console.print(line)
+    if _nothing_new(summary):
         return
-    else:
-        changes = [f"{_count(summary.stored, 'new row')}"]
-        if summary.replaced:
-            changes.append(f"{summary.replaced:,} replaced")
-        if summary.dropped:
-            changes.append(f"{summary.dropped:,} dropped")
-        console.print(
-            f"Wrote {summary.output}: {', '.join(changes)}, {_count(summary.rows, 'row')} in all. "
-            f"This run: {_count(summary.computed, 'image')} computed, {failed:,} failed, "
-            f"{summary.already:,} already done."
-        )
-    if summary.engine == "ray" and summary.rows_per_node:
-        console.print(
-            "Images per node: "
-            + ", ".join(f"{node} {count:,}" for node, count in summary.rows_per_node.items())
-        )
-    if summary.batch_size < summary.requested_batch_size:
-        console.print(
-            f"Ran out of memory: the batch size was lowered to {summary.batch_size}; "
-            f"pass --batch-size {summary.batch_size} next time."
-        )
     for failure in summary.failures[:5]:
         # One line, undecodable bytes as \xNN, no control character reaching the terminal.
         path = failure.path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         console.print(f"  failed: {_printable(path)}: {_printable(failure.reason)}")
     if len(summary.failures) > 5:
         console.print(f"  ... and {len(summary.failures) - 5:,} more, listed in /failed.")
+    timings = summary.timings
     console.print(
         f"Time: {summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s after start-up "
         f"(start-up {timings.startup:.1f} s, waiting for images {timings.waiting:.1f} s, "
@@ -818,3 +927,63 @@ def _print_summary(summary) -> None:
     )
     if summary.computed_by:
         console.print(f"Computed by: {summary.computed_by}.")
+
+
+def _nothing_new(summary: Summary) -> bool:
+    changed = summary.stored or summary.replaced or summary.dropped
+    return summary.assembled and not (summary.computed or summary.failures or changed)
+
+
+def _headline(summary: Summary) -> str:
+    """What the run did to the output, in one line."""
+    failed = len(summary.failures)
+    if not summary.assembled:
+        shards = "shard" if len(summary.waiting_for) == 1 else "shards"
+        return (
+            f"Shard {summary.shard} done: {_count(summary.computed, 'image')} computed, "
+            f"{failed:,} failed, {summary.already:,} done before. Waiting for {shards} "
+            f"{', '.join(map(str, summary.waiting_for))}; "
+            f"the last to finish writes {summary.output}."
+        )
+    if _nothing_new(summary):
+        every = "the 1 image is" if summary.already == 1 else f"all {summary.already:,} images are"
+        return f"Nothing new: {every} already in {summary.output} ({_count(summary.rows, 'row')})."
+    changes = [_count(summary.stored, "new row")]
+    if summary.replaced:
+        changes.append(f"{summary.replaced:,} replaced")
+    if summary.dropped:
+        changes.append(f"{summary.dropped:,} dropped")
+    return (
+        f"Wrote {summary.output}: {', '.join(changes)}, {_count(summary.rows, 'row')} in all. "
+        f"This run: {_count(summary.computed, 'image')} computed, {failed:,} failed, "
+        f"{summary.already:,} already done."
+    )
+
+
+def _remarks(summary: Summary) -> list[str]:
+    """What else the user should know about the output and how the run went."""
+    remarks = []
+    if summary.missing:
+        names = (
+            "names a file that no longer exists"
+            if summary.missing == 1
+            else ("name files that no longer exist")
+        )
+        remarks.append(f"{_count(summary.missing, 'row')} of {summary.output} {names}; "
+                       "--prune drops them.")  # fmt: skip
+    if summary.left_for_later:
+        remarks.append(
+            f"{_count(summary.left_for_later, 'image')} found that the unfinished run did not "
+            "list when it started; run the same command again once it is written to add them."
+        )
+    if summary.engine == "ray" and summary.rows_per_node:
+        remarks.append(
+            "Images per node: "
+            + ", ".join(f"{node} {count:,}" for node, count in summary.rows_per_node.items())
+        )
+    if summary.batch_size < summary.requested_batch_size:
+        remarks.append(
+            f"Ran out of memory: the batch size was lowered to {summary.batch_size}; "
+            f"pass --batch-size {summary.batch_size} next time."
+        )
+    return remarks

@@ -1,34 +1,32 @@
-"""Engines: what moves the decoding and the network work, here in threads or on a Ray cluster.
+"""Engines: what moves the decoding and the network work, here in threads or on a cluster.
 
 An engine takes image paths and yields, in the same order, a ``Computed``
 batch of rows or a ``Failure`` for each image. It knows nothing of the
 output: the plan (which images) and the store (what is done) stay with the
-driver, so every engine writes the same file.
+driver, so every engine writes the same file. ``Engine`` says in code what an
+engine must do; each engine has its own options dataclass, registered in
+``ENGINES`` by name, so a new engine is one new module and one entry here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
-import time
-from collections import deque
+import importlib
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import ClassVar, Protocol
 
 import numpy as np
 
 from vggfeat.architecture import vgg
+from vggfeat.errors import OptionError, VggfeatError
 from vggfeat.images import Decoded, Failure, Source, decode_image
-from vggfeat.network import Cut, FeatureNetwork
-from vggfeat.runtime import backend_version
+from vggfeat.network import Cut
 
-ENGINES = ("local", "ray")
-#: Seconds without an image done after which a Ray run stops rather than hang.
-STALL_SECONDS = 300.0
-#: How much lower than the network decoding threads run when the network is on the CPU.
-DECODE_NICENESS = 10
+#: Each engine's options class, as ``module:Class``, imported only when chosen.
+ENGINES = {
+    "local": "vggfeat.local_engine:LocalOptions",
+    "ray": "vggfeat.ray_engine:RayOptions",
+}
 
 
 @dataclass(frozen=True)
@@ -37,40 +35,23 @@ class Job:
 
     depth: int
     layers: tuple[str, ...]
+    """The layers to cut at, by the names the output's datasets have."""
     image_size: int
     batch_size: int | None
-    """Images per network call; None: what suits the device (``BATCH_SIZES``)."""
+    """Images per network call; None: the largest that is fast and fits in memory."""
     pool: str
     weights: str
-    """``imagenet``, ``random`` or a path (the local engine reads it itself)."""
+    """``imagenet``, ``random`` or a path."""
     seed: int
     precision: str
     resize: str
     max_pixels: int | None
     workers: int | None
-    backend: str = "tensorflow"
-    device: str | None = None
+    backend: str
+    device: str | None
     """``cpu``, ``gpu`` or ``gpu:N``; None: the first GPU, else the CPU."""
-    compute_dtype: str | None = None
-    """What the layers compute in, as the output's settings say; None: from ``precision``."""
-
-    def network(self, most: int | None = None, weights=None) -> FeatureNetwork:
-        """The job's network, built here (weights: the job's, or ones already read), for
-        at most ``most`` images."""
-        return FeatureNetwork(
-            vgg(self.depth),
-            self.cuts(),
-            self.image_size,
-            self.batch_size,
-            self.pool,
-            self.weights if weights is None else weights,
-            self.seed,
-            self.precision,
-            self.backend,
-            self.device,
-            self.compute_dtype,
-            most,
-        )
+    compute_dtype: str
+    """What the layers compute in, as the output's settings say."""
 
     def cuts(self) -> list[Cut]:
         architecture = vgg(self.depth)
@@ -81,8 +62,13 @@ class Job:
         catalogue = vgg(self.depth).catalogue(self.image_size)
         return [cut.feature_shape(catalogue, self.pool) for cut in self.cuts()]
 
+    def image_bytes(self) -> int:
+        """Bytes of activations one image takes in the network at its peak."""
+        catalogue = vgg(self.depth).catalogue(self.image_size)
+        return catalogue.activation_bytes([cut.layer for cut in self.cuts()])
+
     def decode(self, path: str) -> Decoded | Failure:
-        return decode_image(path, self.image_size, self.resize, self.max_pixels)
+        return decode_image(path, self.image_size, self.resize, self.max_pixels)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -93,99 +79,91 @@ class Computed:
     features: tuple[np.ndarray, ...]
     seconds: float
     """Time the network spent on the batch."""
-    node: str = "local"
-    """Which machine computed it."""
 
 
 Result = Computed | Failure
 
 
 @dataclass
-class EngineStats:
-    """What an engine reports once done: where the rows were computed, and on what."""
+class EngineReport:
+    """What an engine says about its work: where rows were computed, on what, in what size."""
 
+    name: str
+    computed_by: str = ""
+    """``NVIDIA H200 (GPU 0), float16, JAX 0.10.2``, or a cluster's description."""
+    backend_version: str = ""
+    weights_sha256: str = ""
     rows_per_node: dict[str, int] = field(default_factory=dict)
-    description: dict[str, object] = field(default_factory=dict)
+    cluster: dict[str, object] = field(default_factory=dict)
+    batch_size: int = 0
+    requested_batch_size: int = 0
+    computes_here: bool = True
+    """Whether the network runs in this process, so that its time is not waiting."""
 
 
-class LocalEngine:
-    """Decoding in a pool of threads a bounded number of images ahead of one network.
+class Engine(Protocol):
+    """How decoding and the network get done. ``LocalEngine`` and ``RayEngine`` keep to it.
 
-    Pillow and TensorFlow both release the GIL for their heavy work, so the
-    threads and the network keep each other busy; results are taken in input
-    order, and memory stays flat however many images there are.
+    The driver calls, in order:
+
+    - ``compute_dtype``, before anything is written (the output records it);
+    - ``start``, once there is work: networks are built, weights read;
+    - ``run``, once per shard;
+    - ``report``, for the output's provenance and the summary;
+    - ``close``, always, after an error or an interrupt too.
+
+    ``run`` yields in input order: a ``Computed`` per run of usable images, a
+    ``Failure`` per image that cannot be used. The driver may stop iterating
+    at any moment. Ctrl-C and SIGTERM arrive as ``KeyboardInterrupt`` and
+    ``Terminated``, wherever the driver is; an engine that stops a run itself
+    (nothing done for too long) raises a ``VggfeatError`` from ``run``, and if
+    the interrupt it used to wake the driver surfaced elsewhere,
+    ``stop_reason`` returns that error so the driver reports it, not Ctrl-C.
     """
 
-    name = "local"
-    computes_here = True
+    name: str
 
-    def __init__(self, job: Job, count: int) -> None:
-        self.job = job
-        # A run smaller than one batch needs no padding up to the full batch.
-        self.network = job.network(most=count)
-        self.workers = job.workers or os.cpu_count() or 1
-        self.weights_sha256 = self.network.weights.sha256
-        self.stats = EngineStats(description={"engine": "local"})
-        self.computed_by = {
-            "device": self.network.description,
-            "backend_version": backend_version(job.backend),
-        }
+    def compute_dtype(self, precision: str, backend: str, device: str | None) -> str: ...
 
-    @property
-    def batch_size(self) -> int:
-        return self.network.batch_size
+    def start(self, job: Job, images: int) -> list[str]:
+        """Get ready for ``images`` images; lines for the user (a batch capped, say)."""
+        ...
 
-    @property
-    def requested_batch_size(self) -> int:
-        return self.network.requested_batch_size
+    def run(self, paths: Sequence[str]) -> Iterator[Result]: ...
 
-    def run(self, paths: Sequence[str]) -> Iterator[Result]:
-        """A ``Computed`` per batch and a ``Failure`` per unusable image, in input order."""
-        batch: list[Decoded] = []
-        # Enough decoded images in flight to fill the next batch while this one computes.
-        window = 2 * self.network.batch_size + self.workers
-        # On a CPU the network's threads meet at barriers, and a decoding thread
-        # that preempts one stalls them all; niced decoding fills their idle gaps instead.
-        initializer = None if self.network.on_gpu else _yield_to_the_network
-        with ThreadPoolExecutor(
-            self.workers, thread_name_prefix="decode", initializer=initializer
-        ) as pool:
-            pending: deque[Future] = deque()
-            upcoming = iter(paths)
-            try:
-                while True:
-                    for path in upcoming:
-                        pending.append(pool.submit(self.job.decode, path))
-                        if len(pending) >= window:
-                            break
-                    if not pending:
-                        break
-                    result = pending.popleft().result()
-                    if isinstance(result, Failure):
-                        yield result
-                        continue
-                    batch.append(result)
-                    if len(batch) == self.network.batch_size:
-                        yield self._compute(batch)
-                        batch = []
-                if batch:
-                    yield self._compute(batch)
-            finally:
-                for future in pending:
-                    future.cancel()
+    def report(self) -> EngineReport: ...
 
-    def _compute(self, batch: list[Decoded]) -> Computed:
-        begun = time.perf_counter()
-        features = self.network(np.stack([image.pixels for image in batch]))
-        seconds = time.perf_counter() - begun
-        self.stats.rows_per_node["local"] = self.stats.rows_per_node.get("local", 0) + len(batch)
-        return Computed(tuple(image.source for image in batch), tuple(features), seconds)
+    def stop_reason(self) -> VggfeatError | None: ...
 
-    def close(self) -> None:
-        """Nothing to release: the threads end with each run."""
+    def close(self) -> None: ...
 
 
-def _yield_to_the_network() -> None:
-    """Lower the calling thread's CPU priority (Linux schedules threads one by one)."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICENESS)
+@dataclass(frozen=True)
+class EngineOptions:
+    """An engine's own options: checked when made, turned into the engine by ``open``."""
+
+    name: ClassVar[str]
+
+    def require(self) -> None:
+        """Raise ``VggfeatError`` when the engine cannot run here (a package missing)."""
+
+    def open(self) -> Engine:
+        raise NotImplementedError
+
+
+def engine_options(name: str, **values: object) -> EngineOptions:
+    """The options of the engine called ``name``, from its own fields' values."""
+    if name not in ENGINES:
+        raise OptionError(f"--engine {name} is not one of {', '.join(ENGINES)}")
+    return options_class(name)(**values)
+
+
+def options_class(name: str) -> type[EngineOptions]:
+    module, _, attribute = ENGINES[name].partition(":")
+    found: type[EngineOptions] = getattr(importlib.import_module(module), attribute)
+    return found
+
+
+def option_names(name: str) -> set[str]:
+    """The fields an engine's options class takes."""
+    return {option.name for option in fields(options_class(name))}

@@ -14,11 +14,14 @@ import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Literal
+from typing import IO, TYPE_CHECKING, Literal
 
 import numpy as np
 
 from vggfeat.errors import VggfeatError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 #: Extensions discovery picks up in folders (any case); content decides the format.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -243,7 +246,7 @@ def _describe(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-def _to_network_input(image, image_size: int, resize: ResizeMode) -> np.ndarray:
+def _to_network_input(image: Image.Image, image_size: int, resize: ResizeMode) -> np.ndarray:
     from PIL import Image, ImageOps
 
     if image.format == "JPEG":
@@ -275,7 +278,7 @@ def _resize_target(size: tuple[int, int], image_size: int, resize: ResizeMode) -
     return max(1, round_(width * scale)), max(1, round_(height * scale))
 
 
-def _as_rgb(image):
+def _as_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode as 8-bit RGB: alpha over white, 16-bit scaled, CMYK converted."""
     from PIL import Image
 

@@ -13,19 +13,20 @@ class Terminated(BaseException):
     """SIGTERM arrived; the run stops as on Ctrl-C."""
 
 
+def raise_terminated(_signum: int, _frame: object) -> None:
+    """A SIGTERM handler: stop as Ctrl-C stops."""
+    raise Terminated
+
+
 @contextlib.contextmanager
-def stopping_on_signals():
+def stopping_on_signals() -> Iterator[None]:
     """SIGTERM raises ``Terminated``, so that work stops as on Ctrl-C and cleans up; a
     file-size limit fails a write (an error naming the file) instead of killing us."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def terminate(_signum, _frame):
-        raise Terminated
-
     previous = {
-        signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, raise_terminated),
         signal.SIGXFSZ: signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
     }
     try:
@@ -52,5 +53,5 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-        for number in dict.fromkeys(caught):
-            signal.raise_signal(number)
+        for waiting in dict.fromkeys(caught):
+            signal.raise_signal(waiting)

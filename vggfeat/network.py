@@ -12,10 +12,10 @@ traced again.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 import numpy as np
 
@@ -33,9 +33,9 @@ from vggfeat.runtime import (
 )
 from vggfeat.weights import PreparedWeights, build_with_weights
 
-Pooling = Literal["none", "avg", "max"]
-Precision = Literal["float32", "mixed"]
-PRECISIONS: tuple[Precision, ...] = ("float32", "mixed")
+PRECISIONS = ("float32", "mixed")
+#: A network compiled for one batch shape: uint8 pixels in, one array per cut out.
+Compiled = Callable[[np.ndarray], list[np.ndarray]]
 
 #: ImageNet's mean colour in BGR order, as ``keras.applications`` subtracts it.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -51,17 +51,17 @@ class Cut:
     label: str
     layer: Layer
 
-    def pools(self, pool: Pooling) -> bool:
+    def pools(self, pool: str) -> bool:
         """Whether ``pool`` applies: only convolutional maps are pooled."""
         return pool != "none" and self.layer.kind in ("conv", "pool")
 
-    def feature_shape(self, catalogue: Catalogue, pool: Pooling) -> tuple[int, ...]:
+    def feature_shape(self, catalogue: Catalogue, pool: str) -> tuple[int, ...]:
         """The shape of one image's features: the layer's output, or its channels if pooled."""
         shape = catalogue.facts(self.layer).output_shape
         return shape[-1:] if self.pools(pool) else shape
 
 
-def compute_dtype(precision: Precision, device: str, backend: str) -> str:
+def compute_dtype(precision: str, device: str, backend: str) -> str:
     """The dtype the layers compute in: with mixed, float16 on a GPU; on a CPU, bfloat16
     only where it is fast: TensorFlow (oneDNN) on a CPU with AVX512_BF16 or AMX.
 
@@ -75,20 +75,16 @@ def compute_dtype(precision: Precision, device: str, backend: str) -> str:
     return "bfloat16" if backend == "tensorflow" and cpu_has_fast_bfloat16() else "float32"
 
 
-#: Images per network call when none is asked for. On a CPU, 8 compute as fast as 32
-#: (fc7 at 224x224: 11.7 and 12.1 images/s on 2 cores) in 0.8 GB less memory.
-BATCH_SIZES = {"cpu": 8, "gpu": 32}
-
-
 class NetworkOutOfMemory(VggfeatError):
     """The device ran out of memory on a batch; a smaller batch may fit."""
 
 
-class FeatureNetwork:
+class CutNetwork:
     """VGG cut at one or more layers, as one function from uint8 batches to features.
 
     Written in ``keras.ops``: the same code is compiled by ``tf.function`` on
-    TensorFlow and by ``jax.jit`` on JAX, once per batch shape.
+    TensorFlow and by ``jax.jit`` on JAX, once per batch shape. Built with its
+    weights first; compiled by ``set_batch_size``, once the batch is chosen.
     """
 
     def __init__(
@@ -96,18 +92,14 @@ class FeatureNetwork:
         architecture: Architecture,
         cuts: list[Cut],
         image_size: int,
-        batch_size: int | None,
-        pool: Pooling = "none",
+        pool: str = "none",
         weights: str | os.PathLike | PreparedWeights = "imagenet",
         seed: int = 0,
-        precision: Precision = "float32",
+        precision: str = "float32",
         backend: str | None = None,
         device: str | None = None,
         compute: str | None = None,
-        most: int | None = None,
     ) -> None:
-        """``batch_size`` None: ``BATCH_SIZES`` for the device. ``most``: no more images
-        than this will come, so a short run compiles a batch no longer than it."""
         self.backend = backend or default_backend()
         keras = start(self.backend)
         self.device = choose_device(self.backend, device)
@@ -126,9 +118,8 @@ class FeatureNetwork:
             )
             outputs = [model.get_layer(cut.layer.name).output for cut in cuts]
             self._model = keras.Model(model.input, outputs)
-        batch_size = batch_size or BATCH_SIZES[self.device.kind]
-        self.requested_batch_size = min(batch_size, most) if most else batch_size
-        self.set_batch_size(self.requested_batch_size)
+        self.batch_size = 0
+        self._compiled: Compiled | None = None
 
     @property
     def description(self) -> str:
@@ -159,7 +150,7 @@ class FeatureNetwork:
             else:
                 self._compiled = self._compile_jax(shape)
 
-    def _forward(self, outputs_of, pixels):
+    def _forward(self, outputs_of: Callable[[Any], Any], pixels: Any) -> list[Any]:
         """Caffe preprocessing, the model, then each cut's head; runs once per trace."""
         import keras
 
@@ -180,26 +171,26 @@ class FeatureNetwork:
             features.append(output)
         return features
 
-    def _compile_tensorflow(self, shape):
+    def _compile_tensorflow(self, shape: tuple[int, ...]) -> Compiled:
         tf = library("tensorflow")
         model = self._model
 
         @tf.function(input_signature=[tf.TensorSpec(shape, tf.uint8)], reduce_retracing=False)
-        def forward(pixels):
+        def forward(pixels: Any) -> list[Any]:
             return self._forward(lambda x: model(x, training=False), pixels)
 
         forward.get_concrete_function()
         return lambda pixels: [output.numpy() for output in forward(pixels)]
 
-    def _compile_jax(self, shape):
+    def _compile_jax(self, shape: tuple[int, ...]) -> Compiled:
         jax = library("jax")
         model = self._model
         # Passed as arguments, not closed over: 500 MB of constants would be baked into the program.
         trainable = [variable.value for variable in model.trainable_variables]
         fixed = [variable.value for variable in model.non_trainable_variables]
 
-        def forward(trainable, fixed, pixels):
-            def outputs_of(x):
+        def forward(trainable: list[Any], fixed: list[Any], pixels: Any) -> list[Any]:
+            def outputs_of(x: Any) -> Any:
                 return model.stateless_call(trainable, fixed, x, training=False)[0]
 
             return self._forward(outputs_of, pixels)
@@ -252,6 +243,8 @@ class FeatureNetwork:
 
     def _run(self, pixels: np.ndarray) -> list[np.ndarray]:
         """One padded batch through the compiled function."""
+        if self._compiled is None:
+            raise RuntimeError("internal: set_batch_size compiles the network before use")
         count = len(pixels)
         if count < self.batch_size:
             padding = np.zeros((self.batch_size - count, *pixels.shape[1:]), np.uint8)

@@ -9,47 +9,57 @@ driver alone, and what is done is known to the store alone.
 
 The pool autoscales from one actor, because a fixed pool that no longer fits
 the cluster after a node is lost waits forever (measured here); a watchdog
-stops the run when nothing is done for ``stall_timeout`` seconds, keeping
-what was committed.
+stops the run when the driver has waited ``stall_timeout`` seconds for the
+next results, keeping what was committed. The time the driver spends writing
+is not waiting. A local instance (no ``--ray-address``) lives in a folder of
+its own, and ``ray_reaper.py`` ends it with the driver, even after ``kill -9``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
 from vggfeat.architecture import vgg
-from vggfeat.engine import Computed, EngineStats, Job, Result
+from vggfeat.engine import Computed, EngineOptions, EngineReport, Job, Result
 from vggfeat.errors import OptionError, VggfeatError
 from vggfeat.images import Decoded, Failure, Source, pixel_limit
-from vggfeat.network import BATCH_SIZES
+from vggfeat.memory import ACTIVATION_FACTOR, BATCH_SIZES
 from vggfeat.runtime import BACKEND_NAMES, backend_version, muted_stderr, start
 
 INSTALL = "pip install 'vggfeat[ray]'"
 #: Seconds to wait for a Ray cluster to answer when connecting.
 CONNECT_SECONDS = float(os.environ.get("VGGFEAT_RAY_CONNECT_SECONDS", "60"))
+#: Seconds without results, start-up included, after which a run stops rather than hang.
+STALL_SECONDS = 300.0
 #: Images per decoding task: enough to amortise a task, few enough to spread them.
 DECODE_BATCH = 16
 #: Ray's logical CPUs a decoding task and a network actor reserve. Half each, so that a
 #: node with one CPU holds an actor and a decoding task: with one each it would hold
 #: either, and a one-CPU cluster would wait forever.
 DECODE_CPUS = ACTOR_CPUS = 0.5
+#: What a network actor holds besides its weights and activations: the backend itself.
+ACTOR_BASE_BYTES = 512 << 20
 
 
 class StalledError(VggfeatError):
-    """No image was done for ``--stall-timeout`` seconds."""
+    """No results came for ``--stall-timeout`` seconds."""
 
 
 def require_ray() -> None:
@@ -61,152 +71,194 @@ def require_ray() -> None:
         raise VggfeatError(f"--engine ray needs Ray, which is not installed: {INSTALL}") from None
 
 
+@dataclass(frozen=True)
+class RayOptions(EngineOptions):
+    """``--engine ray``'s own options."""
+
+    name = "ray"
+    address: str | None = None
+    """``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``; None: a local instance of our own."""
+    actors: int | None = None
+    """Networks at most; None: one per GPU, else one per 4 CPUs."""
+    gpus_per_actor: float | None = None
+    """None: 1 where the cluster has GPUs, else 0."""
+    stall_timeout: float = STALL_SECONDS
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if self.address not in (None, "auto"):
+            check_address(self.address)
+        if self.actors is not None and self.actors < 1:
+            raise OptionError("--actors must be at least 1")
+        if self.gpus_per_actor is not None and not 0 <= self.gpus_per_actor < math.inf:
+            raise OptionError("--gpus-per-actor must be 0 or more, fractions allowed (0.5)")
+        if not 0 < self.stall_timeout < math.inf:
+            raise OptionError("--stall-timeout must be a number of seconds more than 0")
+
+    def require(self) -> None:
+        require_ray()
+
+    def open(self) -> RayEngine:
+        return RayEngine(self)
+
+
 class RayEngine:
     """Runs a job's decoding and network on Ray; yields results in input order."""
 
     name = "ray"
-    computes_here = False
 
-    def __init__(
-        self,
-        job: Job,
-        address: str | None = None,
-        actors: int | None = None,
-        gpus_per_actor: float | None = None,
-        stall_timeout: float = 300.0,
-        verbose: bool = False,
-    ) -> None:
-        import ray
+    def __init__(self, options: RayOptions) -> None:
+        self.options = options
+        self._session: _Session | None = None
+        self._watchdog: _Watchdog | None = None
+        self.job: Job | None = None
+        self._report = EngineReport("ray", computes_here=False)
 
-        self.job = job
-        self.stall_timeout = stall_timeout
-        self.verbose = verbose
-        self._started_ray = _connect(address, verbose)
-        # Ray prints the cluster's error messages ("(raylet) Task ... will be retried")
-        # on sys.stdout from a thread of its own; stdout carries only what was asked for.
-        self._stdout = sys.stdout
-        sys.stdout = sys.stderr if verbose else open(os.devnull, "w")  # noqa: SIM115
-        try:
-            _quiet_ray_data(verbose)
-            resources = ray.cluster_resources()
-            nodes = [node for node in ray.nodes() if node.get("Alive")]
-            gpus = float(resources.get("GPU", 0))
-            cpus = float(resources.get("CPU", 0))
-            self.gpus_per_actor = (
-                gpus_per_actor if gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    def _connected(self) -> _Session:
+        if self._session is None:
+            self._session = _Session.connect(self.options)
+        return self._session
+
+    def compute_dtype(self, precision: str, backend: str, device: str | None) -> str:
+        """float32 unless ``mixed``: then float16 on GPU actors; on CPU actors, bfloat16 with
+        TensorFlow where every node's CPU does it fast, else float32."""
+        if precision == "float32":
+            return "float32"
+        session = self._connected()
+        if session.gpus_per_actor(self.options):
+            return "float16"
+        fast = backend == "tensorflow" and all(session.on_every_node(_has_fast_bfloat16))
+        return "bfloat16" if fast else "float32"
+
+    def start(self, job: Job, images: int) -> list[str]:
+        session = self._connected()
+        gpus = session.gpus_per_actor(self.options)
+        if gpus > session.gpus:
+            raise VggfeatError(
+                f"--gpus-per-actor {gpus:g}: the cluster has {session.gpus:g} GPUs; "
+                "use --gpus-per-actor 0 to run the network on CPUs"
             )
-            if self.gpus_per_actor and self.gpus_per_actor > gpus:
-                raise VggfeatError(
-                    f"--gpus-per-actor {self.gpus_per_actor:g}: the cluster has {gpus:g} GPUs; "
-                    "use --gpus-per-actor 0 to run the network on CPUs"
-                )
-            self.actors = actors or (
-                max(1, int(gpus / self.gpus_per_actor))
-                if self.gpus_per_actor
-                else max(1, int(cpus) // 4)
+        actors = self.options.actors or (
+            max(1, int(session.gpus / gpus)) if gpus else max(1, int(session.cpus) // 4)
+        )
+        self.weights, weights_sha256 = _prepare_weights(job)
+        kind = "gpu" if gpus else "cpu"
+        wanted = min(job.batch_size or BATCH_SIZES[kind], max(1, images))
+        batch, notices = self._fitting_batch(job, wanted, session.largest_memory())
+        self.job = replace(job, batch_size=batch)
+        self.gpus, self.actors = gpus, actors
+        report = self._report
+        report.computed_by = (
+            f"a Ray cluster of {_count(session.nodes, 'node')} "
+            f"(up to {_count(actors, 'network')}), {job.compute_dtype}, "
+            f"{BACKEND_NAMES[job.backend]} {backend_version(job.backend)}"
+        )
+        report.backend_version = backend_version(job.backend)
+        report.weights_sha256 = weights_sha256
+        report.batch_size = report.requested_batch_size = batch
+        report.cluster = {
+            "engine": "ray",
+            "address": self.options.address or "local instance",
+            "nodes": session.nodes,
+            "cpus": session.cpus,
+            "gpus": session.gpus,
+            "actors": actors,
+            "gpus_per_actor": gpus,
+        }
+        return notices
+
+    def _fitting_batch(self, job: Job, wanted: int, memory: float) -> tuple[int, list[str]]:
+        """The largest batch up to ``wanted`` whose actor fits in the largest node's memory."""
+        fixed = _actor_memory(job, 0)
+        per_image = _actor_memory(job, 1) - fixed
+        fits = int((memory - fixed) // per_image) if memory else wanted
+        if fits >= wanted:
+            return wanted, []
+        if fits < 1:
+            raise VggfeatError(
+                "no node of the Ray cluster has the memory for one network at this cut; use "
+                "a smaller --image-size or an earlier --layer"
             )
-            self._node_ips = {node["NodeID"]: node.get("NodeManagerAddress", "?") for node in nodes}
-            self.weights, self.weights_sha256 = self._prepare_weights()
-            self.computed_by = {
-                "device": f"a Ray cluster of {len(nodes)} node{'s' if len(nodes) != 1 else ''} "
-                f"(up to {self.actors} network{'s' if self.actors != 1 else ''}), "
-                f"{job.compute_dtype}, {BACKEND_NAMES[job.backend]} {backend_version(job.backend)}",
-                "backend_version": backend_version(job.backend),
-            }
-            self.stats = EngineStats(
-                description={
-                    "engine": "ray",
-                    "address": address or "local instance",
-                    "nodes": len(nodes),
-                    "cpus": cpus,
-                    "gpus": gpus,
-                    "actors": self.actors,
-                    "gpus_per_actor": self.gpus_per_actor,
-                }
-            )
-            kind = "gpu" if self.gpus_per_actor else "cpu"
-            self.job = replace(job, batch_size=job.batch_size or BATCH_SIZES[kind])
-            self.batch_size = self.requested_batch_size = self.job.batch_size
-        except BaseException:
-            self.close()
-            raise
+        return fits, [
+            f"a network with batches of {wanted} needs more memory than any node of the Ray "
+            f"cluster has: computing {fits} images at a time"
+        ]
 
-    def _prepare_weights(self) -> tuple[list | None, str]:
-        """Read a weights file once here, and put it where every actor fetches it from."""
-        import ray
+    def report(self) -> EngineReport:
+        return self._report
 
-        from vggfeat.weights import PreparedWeights
+    def stop_reason(self) -> VggfeatError | None:
+        if self._watchdog is not None and self._watchdog.stalled:
+            return self._stalled()
+        return None
 
-        if self.job.weights == "random":
-            return None, ""
-        start(self.job.backend)  # Keras fetches the ImageNet file
-        architecture = vgg(self.job.depth)
-        needs_top = any(cut.layer.is_top for cut in self.job.cuts())
-        prepared = PreparedWeights.read(architecture, needs_top, self.job.weights)
-        # In a list, so that Ray passes the reference and each actor fetches it itself.
-        return [ray.put(prepared), prepared.digest()], prepared.record.sha256
+    def _stalled(self) -> StalledError:
+        return StalledError(
+            f"no image was done for {self.options.stall_timeout:g} s (--stall-timeout): the "
+            "Ray cluster may have lost the nodes it needs; completed work is kept, run the "
+            "same command to continue"
+        )
 
     def run(self, paths: Sequence[str]) -> Iterator[Result]:
         """A ``Computed`` per run of usable images and a ``Failure`` per other, in input order."""
         import ray
         import ray.data
 
-        self._check_visible(paths)
+        job, session = self.job, self._session
+        if job is None or session is None:
+            raise RuntimeError("internal: start the engine before running it")
+        session.check_visible(paths)
         items = [{"path": path, "file": os.path.abspath(path)} for path in paths]
         dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // DECODE_BATCH))
         decoded = dataset.map_batches(
             _decode_batch,
-            fn_kwargs={"job": self.job},
+            fn_kwargs={"job": job},
             batch_size=DECODE_BATCH,
             batch_format="numpy",
             num_cpus=DECODE_CPUS,
         )
         computed = decoded.map_batches(
             _NetworkActor,
-            fn_constructor_kwargs={"job": self.job, "weights": self.weights},
-            batch_size=self.job.batch_size,
+            fn_constructor_kwargs={"job": job, "weights": self.weights},
+            batch_size=job.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=self.actors),
-            num_gpus=self.gpus_per_actor or None,
+            num_gpus=self.gpus or None,
             num_cpus=ACTOR_CPUS,
             # The memory a network needs. Asking for it also keeps Ray Data from
             # fusing decoding into the actors, where a network would wait for it.
-            memory=self._actor_memory(),
+            memory=_actor_memory(job, job.batch_size or 1),
         )
-        watchdog = _Watchdog(self.stall_timeout)
+        self._watchdog = watchdog = _Watchdog(self.options.stall_timeout)
         try:
             with watchdog:
-                for batch in computed.iter_batches(batch_size=None, batch_format="numpy"):
-                    watchdog.progress()
-                    yield from self._results(batch)
+                batches = iter(computed.iter_batches(batch_size=None, batch_format="numpy"))
+                while True:
+                    with watchdog.waiting():
+                        batch = next(batches, None)
+                    if batch is None:
+                        return
+                    yield from self._results(batch, session)
         except KeyboardInterrupt:
             if not watchdog.stalled:
                 raise
-            raise StalledError(
-                f"no image was done for {self.stall_timeout:g} s (--stall-timeout): the Ray "
-                "cluster may have lost the nodes it needs; completed work is kept, run the "
-                "same command to continue"
-            ) from None
+            raise self._stalled() from None
         except ray.exceptions.RayError as error:
             raise VggfeatError(_ray_failure(error)) from None
 
-    def _actor_memory(self) -> int:
-        """Bytes one network actor holds: its weights twice over, and room to compute."""
-        catalogue = vgg(self.job.depth).catalogue(self.job.image_size)
-        deepest = max(catalogue.layers.index(catalogue.facts(cut.layer)) for cut in self.job.cuts())
-        weights = sum(facts.params for facts in catalogue.layers[: deepest + 1]) * 4
-        return 2 * weights + (512 << 20)
-
-    def _results(self, batch: dict[str, np.ndarray]) -> Iterator[Result]:
-        names = [f"features_{i}" for i in range(len(self.job.layers))]
+    def _results(self, batch: dict[str, np.ndarray], session: _Session) -> Iterator[Result]:
+        job = self.job
+        assert job is not None  # run() checked
+        names = [f"features_{i}" for i in range(len(job.layers))]
+        per_node = self._report.rows_per_node
         good = batch["reason"] == ""
         start = 0
         for stop in [*np.flatnonzero(~good).tolist(), len(good)]:
             if stop > start:
                 rows = slice(start, stop)
                 for node in batch["node"][rows].tolist():
-                    ip = self._node_ips.get(node, node)
-                    self.stats.rows_per_node[ip] = self.stats.rows_per_node.get(ip, 0) + 1
+                    ip = session.node_ips.get(node, node)
+                    per_node[ip] = per_node.get(ip, 0) + 1
                 yield Computed(
                     sources=tuple(
                         Source(path, int(size), int(mtime))
@@ -219,7 +271,6 @@ class RayEngine:
                     ),
                     features=tuple(batch[name][rows] for name in names),
                     seconds=float(batch["seconds"][rows].sum()),
-                    node=str(batch["node"][start]),
                 )
             if stop < len(good):
                 yield Failure(
@@ -230,29 +281,154 @@ class RayEngine:
                 )
             start = stop + 1
 
-    def _check_visible(self, paths: Sequence[str]) -> None:
-        """Every node must see the inputs: ask each one for the first image."""
+    def close(self) -> None:
+        """Disconnect; a local instance we started is ended, with every process it started."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+
+class _Session:
+    """A connection to a Ray cluster, or a local instance of our own, and what it has."""
+
+    def __init__(self, options: RayOptions) -> None:
+        self.options = options
+        self.verbose = options.verbose
+        self._reaper: subprocess.Popen[bytes] | None = None
+        self._stdout: IO[str] | None = None
+        self.connected = False
+
+    @classmethod
+    def connect(cls, options: RayOptions) -> _Session:
+        import ray
+
+        session = cls(options)
+        try:
+            if not ray.is_initialized():  # else the caller's own Ray session, left as it is
+                session._connect()
+            session._describe()
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    def _connect(self) -> None:
+        import ray
+
+        address = self.options.address
+        if not self.verbose:
+            # Ray's C++ side logs to stderr after start-up too, and so does TensorFlow in the
+            # workers it starts: INFO and warnings stay out.
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        if address and address != "auto":
+            _check_reachable(address)
+        options: dict[str, Any] = {"address": address}
+        if not address:
+            options = {"address": "local", "_temp_dir": self._start_reaper()}
+        where = f"at {address}" if address else "locally"
+        # ray.init sets SIGTERM and SIGINT handlers that exit at once; vggfeat's commit first.
+        handlers = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
+        # Something that listens at the address but is no Ray makes ray.init wait forever.
+        timer = _Watchdog(CONNECT_SECONDS)
+        try:
+            with muted_stderr(enabled=not self.verbose), timer, timer.waiting():
+                ray.init(
+                    include_dashboard=False,
+                    log_to_driver=self.verbose,
+                    logging_level=logging.INFO if self.verbose else logging.ERROR,
+                    configure_logging=True,
+                    # TensorFlow's start-up notes in the workers would reach this terminal.
+                    runtime_env={} if self.verbose else {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}},
+                    **options,
+                )
+            self.connected = True
+        except KeyboardInterrupt:
+            if not timer.stalled:
+                raise
+            raise VggfeatError(
+                f"no Ray cluster answered {where} within {CONNECT_SECONDS:g} s; check "
+                "--ray-address (the head node's address, as 'ray start --head' printed it) "
+                "or use auto"
+            ) from None
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            reasons = _reasons(error)
+            hint = (
+                "the cluster requires token authentication: set RAY_AUTH_MODE=token (and its "
+                "token) here as on the cluster, or run on the head node with --ray-address auto"
+                if "auth" in reasons.lower()
+                else "start one with 'ray start --head', or leave out --ray-address for a local "
+                "instance"
+            )
+            raise VggfeatError(
+                f"cannot connect to a Ray cluster {where}: {reasons}; {hint}"
+            ) from None
+        finally:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
+        # Ray prints the cluster's error messages ("(raylet) Task ... will be retried")
+        # on sys.stdout from a thread of its own; stdout carries only what was asked for.
+        self._stdout = sys.stdout
+        sys.stdout = sys.stderr if self.verbose else open(os.devnull, "w")  # noqa: SIM115
+        _quiet_ray_data(self.verbose)
+
+    def _start_reaper(self) -> str:
+        """A folder for the local instance, and the process that ends it with us."""
+        parent = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+        folder = tempfile.mkdtemp(prefix="vggfeat-ray-", dir=parent)
+        self._reaper = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("ray_reaper.py")), str(os.getpid()),
+             folder],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # out of reach of the terminal's Ctrl-C: we decide
+        )  # fmt: skip
+        return folder
+
+    def _describe(self) -> None:
+        import ray
+
+        resources = ray.cluster_resources()
+        alive = [node for node in ray.nodes() if node.get("Alive")]
+        self.nodes = len(alive)
+        self.gpus = float(resources.get("GPU", 0))
+        self.cpus = float(resources.get("CPU", 0))
+        self.node_ips = {node["NodeID"]: node.get("NodeManagerAddress", "?") for node in alive}
+        self.memory = [float(node.get("Resources", {}).get("memory", 0)) for node in alive]
+
+    def gpus_per_actor(self, options: RayOptions) -> float:
+        if options.gpus_per_actor is not None:
+            return options.gpus_per_actor
+        return 1.0 if self.gpus else 0.0
+
+    def largest_memory(self) -> float:
+        return max(self.memory, default=0.0)
+
+    def on_every_node(self, function: Any) -> list[Any]:
+        """``function()`` run once on every node of the cluster."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        remote = ray.remote(num_cpus=0)(function)
+        calls = [
+            remote.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+            ).remote()
+            for node in self.node_ips
+        ]
+        try:
+            return ray.get(calls, timeout=60)
+        except ray.exceptions.GetTimeoutError:
+            raise VggfeatError("the Ray cluster's nodes did not answer within 60 s") from None
+
+    def check_visible(self, paths: Sequence[str]) -> None:
+        """Every node must see the inputs: ask each one for the first image."""
         here = next((path for path in paths if os.path.exists(path)), None)
         if here is None:
             return  # no input exists even here: each is recorded as a failure
         sample = os.path.abspath(here)
-        sees = ray.remote(num_cpus=0)(_sees)
-        checks = {
-            ip: sees.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
-            ).remote(sample)
-            for node, ip in self._node_ips.items()
-        }
-        try:
-            seen = dict(zip(checks, ray.get(list(checks.values()), timeout=60), strict=True))
-        except ray.exceptions.GetTimeoutError:
-            raise VggfeatError(
-                "the Ray cluster did not answer within 60 s whether its nodes see the inputs"
-            ) from None
-        blind = [ip for ip, found in seen.items() if not found]
+        seen = self.on_every_node(lambda: (_node_id(), os.path.exists(sample)))
+        blind = [self.node_ips.get(node, node) for node, found in seen if not found]
         if blind:
             raise VggfeatError(
                 f"Ray nodes {', '.join(blind)} do not see {sample}: inputs must be on a file "
@@ -260,74 +436,34 @@ class RayEngine:
             )
 
     def close(self) -> None:
-        """Disconnect, and stop the local Ray instance if this engine started it."""
         import ray
 
-        if self._started_ray and ray.is_initialized():
+        if self.connected and ray.is_initialized():
             with muted_stderr(enabled=not self.verbose):
                 ray.shutdown()
-            self._started_ray = False
+        self.connected = False
+        if self._reaper is not None:
+            self._reaper.communicate(timeout=60)  # its input closes: it ends the instance
+            self._reaper = None
         if self._stdout is not None:
             if sys.stdout is not sys.stderr:
                 sys.stdout.close()
             sys.stdout, self._stdout = self._stdout, None
 
 
-def _connect(address: str | None, verbose: bool) -> bool:
-    """Connect to the cluster at ``address``, or start a local instance; whether we started one."""
-    import ray
-
-    if ray.is_initialized():
-        return False  # the caller's own Ray session
-    if not verbose:
-        # Ray's C++ side logs to stderr after start-up too, and so does TensorFlow in the
-        # workers it starts: INFO and warnings stay out.
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    if address and address != "auto":
-        _check_reachable(address)
-    where = f"at {address}" if address else "locally"
-    # ray.init sets SIGTERM and SIGINT handlers that exit at once; vggfeat's commit first.
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    # Something that listens at the address but is no Ray makes ray.init wait forever.
-    timer = _Watchdog(CONNECT_SECONDS)
-    try:
-        with muted_stderr(enabled=not verbose), timer:
-            ray.init(
-                # Without an address, a new local instance, never a cluster already running here.
-                address=address or "local",
-                include_dashboard=False,
-                log_to_driver=verbose,
-                logging_level=logging.INFO if verbose else logging.ERROR,
-                configure_logging=True,
-                # TensorFlow's start-up notes in the workers would reach this terminal.
-                runtime_env={} if verbose else {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}},
-            )
-    except KeyboardInterrupt:
-        if not timer.stalled:
-            raise
-        with contextlib.suppress(Exception):
-            ray.shutdown()
-        raise VggfeatError(
-            f"no Ray cluster answered {where} within {CONNECT_SECONDS:g} s; check --ray-address "
-            "(the head node's address, as 'ray start --head' printed it) or use auto"
-        ) from None
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        reasons = _reasons(error)
-        hint = (
-            "the cluster requires token authentication: set RAY_AUTH_MODE=token (and its token) "
-            "here as on the cluster, or run on the head node with --ray-address auto"
-            if "auth" in reasons.lower()
-            else "start one with 'ray start --head', or leave out --ray-address for a local "
-            "instance"
-        )
-        raise VggfeatError(f"cannot connect to a Ray cluster {where}: {reasons}; {hint}") from None
-    finally:
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
-    return True
+def _actor_memory(job: Job, batch: int) -> int:
+    """Bytes a network actor holds: its weights twice over, the backend, a batch's activations."""
+    catalogue = vgg(job.depth).catalogue(job.image_size)
+    deepest = max(catalogue.layers.index(catalogue.facts(cut.layer)) for cut in job.cuts())
+    weights = sum(facts.params for facts in catalogue.layers[: deepest + 1]) * 4
+    return 2 * weights + ACTOR_BASE_BYTES + batch * math.ceil(job.image_bytes() * ACTIVATION_FACTOR)
 
 
-def _reasons(error: BaseException) -> str:
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _reasons(error: BaseException | None) -> str:
     """The first line of an error and of each error that caused it, once each."""
     lines: list[str] = []
     while error is not None and len(lines) < 4:
@@ -346,16 +482,35 @@ def check_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+#: What an HTTP/2 client says first; a Ray head (gRPC) answers with a SETTINGS frame.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
 def _check_reachable(address: str) -> None:
-    """A clear error within seconds when nothing listens at ``address`` (Ray would retry long)."""
+    """A clear error within seconds when nothing at ``address`` answers as a Ray head does:
+    Ray itself retries for 40 s, deaf to Ctrl-C, where something else listens."""
     host, port = check_address(address)
     try:
-        socket.create_connection((host, port), timeout=10).close()
+        with socket.create_connection((host, port), timeout=10) as connection:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return  # a TLS head answers no plain HTTP/2
+            connection.settimeout(CONNECT_SECONDS)
+            connection.sendall(HTTP2_PREFACE)
+            try:
+                frame = connection.recv(9)
+            except TimeoutError:
+                frame = b""
     except OSError as error:
         raise VggfeatError(
             f"no Ray cluster answers at {address} ({error.strerror or error}); start one with "
             "'ray start --head', or leave out --ray-address for a local instance"
         ) from None
+    if len(frame) < 4 or frame[3] != 0x04:
+        raise VggfeatError(
+            f"no Ray cluster answered at {address} within {CONNECT_SECONDS:g} s: something "
+            "listens there, but not as a Ray head does; check --ray-address (the head node's "
+            "address, as 'ray start --head' printed it) or use auto"
+        )
 
 
 def _quiet_ray_data(verbose: bool) -> None:
@@ -390,12 +545,13 @@ def _first_line(error: BaseException) -> str:
 
 
 class _Watchdog:
-    """Interrupts the driver when no progress was reported for ``limit`` seconds."""
+    """Interrupts the main thread when it has waited ``limit`` seconds in ``waiting()``."""
 
     def __init__(self, limit: float) -> None:
         self.limit = limit
         self.stalled = False
-        self._last = time.monotonic()
+        self._since: float | None = None
+        self._lock = threading.Lock()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="stall-watchdog", daemon=True)
 
@@ -403,27 +559,64 @@ class _Watchdog:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._done.set()
 
-    def progress(self) -> None:
-        self._last = time.monotonic()
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """The main thread waits for results here; only this time counts."""
+        with self._lock:
+            self._since = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._since = None
 
     def _watch(self) -> None:
+        main = threading.main_thread().ident
         while not self._done.wait(min(1.0, self.limit / 4)):
-            if time.monotonic() - self._last > self.limit:
+            with self._lock:
+                if self._since is None or time.monotonic() - self._since <= self.limit:
+                    continue
                 self.stalled = True
                 # A real signal to the main thread: it wakes a wait on a lock, which
                 # _thread.interrupt_main() would not.
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                if main is not None:
+                    signal.pthread_kill(main, signal.SIGINT)
                 return
 
 
 # Run on the cluster ----------------------------------------------------------------------
 
 
-def _sees(path: str) -> bool:
-    return os.path.exists(path)
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _has_fast_bfloat16() -> bool:
+    from vggfeat.runtime import cpu_has_fast_bfloat16
+
+    return cpu_has_fast_bfloat16()
+
+
+def _prepare_weights(job: Job) -> tuple[list[Any] | None, str]:
+    """Read a weights file once, here, and put it where every actor fetches it from."""
+    import ray
+
+    from vggfeat.weights import PreparedWeights
+
+    if job.weights == "random":
+        return None, ""
+    if job.weights == "imagenet":
+        start(job.backend)  # Keras fetches the ImageNet file; a file needs no backend here
+    architecture = vgg(job.depth)
+    needs_top = any(cut.layer.is_top for cut in job.cuts())
+    prepared = PreparedWeights.read(architecture, needs_top, job.weights)
+    # In a list, so that Ray passes the reference and each actor fetches it itself.
+    return [ray.put(prepared), prepared.digest()], prepared.record.sha256
 
 
 def _decode_batch(batch: dict[str, np.ndarray], job: Job) -> dict[str, np.ndarray]:
@@ -452,18 +645,24 @@ def _decode_batch(batch: dict[str, np.ndarray], job: Job) -> dict[str, np.ndarra
 class _NetworkActor:
     """One network, built once per actor; computes the usable images of each batch."""
 
-    def __init__(self, job: Job, weights: list | None) -> None:
-        import ray
+    def __init__(self, job: Job, weights: list[Any] | None) -> None:
+        from vggfeat.network import CutNetwork
 
         chosen: Any = job.weights
         if weights is not None:
+            import ray
+
             reference, digest = weights
             chosen = ray.get(reference)
             if chosen.digest() != digest:
                 raise VggfeatError("the weights an actor received differ from the driver's")
         self.shapes = job.feature_shapes()
-        self.network = job.network(weights=None if chosen is job.weights else chosen)
-        self.node = ray.get_runtime_context().get_node_id()
+        self.network = CutNetwork(
+            vgg(job.depth), job.cuts(), job.image_size, job.pool, chosen, job.seed,
+            job.precision, job.backend, job.device, job.compute_dtype,
+        )  # fmt: skip
+        self.network.set_batch_size(job.batch_size or 1)
+        self.node = _node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         good = batch["reason"] == ""

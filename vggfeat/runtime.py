@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from types import ModuleType
 
 from vggfeat.errors import OptionError, VggfeatError
 from vggfeat.interrupts import signals_deferred
@@ -92,7 +93,7 @@ def require(backend: str) -> None:
 
 
 @cache
-def start(backend: str):
+def start(backend: str) -> ModuleType:
     """Import Keras on ``backend``, quietly, once; the ``keras`` module.
 
     Refuses a second backend in a process whose Keras already runs on another.
@@ -116,14 +117,14 @@ def start(backend: str):
     return keras
 
 
-def keras_module():
+def keras_module() -> ModuleType:
     """Keras, on the backend it already runs on, else on the default one."""
     loaded = sys.modules.get("keras")
     return loaded if loaded is not None else start(default_backend())
 
 
 @cache
-def library(backend: str):
+def library(backend: str) -> ModuleType:
     """The backend's own module (``tensorflow`` or ``jax``), started quietly with its devices."""
     require(backend)
     if backend == "jax":
@@ -165,7 +166,7 @@ def _quiet() -> Iterator[None]:
                 del os.environ["TF_CPP_MIN_LOG_LEVEL"]
 
 
-def tensorflow():
+def tensorflow() -> ModuleType:
     """The ``tensorflow`` module, with Keras started on it."""
     start("tensorflow")
     return library("tensorflow")
@@ -270,6 +271,19 @@ def nvidia_gpus() -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in listed.stdout.splitlines() if line.strip()]
+
+
+def gpu_free_bytes(device: Device, backend: str) -> int | None:
+    """Memory the backend can still allocate on a GPU; None where it does not say (TensorFlow:
+    running out of memory then halves the batch instead)."""
+    if backend != "jax":
+        return None
+    jax = library("jax")
+    try:
+        stats = jax.devices("gpu")[device.index].memory_stats() or {}
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    except (RuntimeError, KeyError, IndexError, TypeError, ValueError):
+        return None
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -17,11 +17,11 @@ import hashlib
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -193,10 +193,24 @@ def build_with_weights(
     return model, record
 
 
-def _array_initialiser(array):
+def check_fits(architecture: Architecture, image_size: int, up_to: Layer, path: Path) -> None:
+    """Raise ``WeightsMismatchError`` unless the file at ``path`` has the arrays every weighted
+    layer through ``up_to`` needs; reads the file's layout only, not its numbers."""
+    layers = [
+        layer
+        for layer in architecture.layers[: architecture.layers.index(up_to) + 1]
+        if layer.has_weights
+    ]
+    with weights_in_file(path) as stored:
+        _match(
+            layers, stored, architecture.catalogue(image_size).weight_shapes(), architecture, path
+        )
+
+
+def _array_initialiser(array: Any) -> Callable[..., np.ndarray]:
     """A Keras initialiser that returns ``array`` (read from the file only now)."""
 
-    def initial(shape, dtype=None):
+    def initial(shape: tuple[int, ...], dtype: object = None) -> np.ndarray:
         return np.asarray(array)
 
     return initial
@@ -314,7 +328,7 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf8") if isinstance(value, bytes) else str(value)
 
 
-def _read_legacy(root) -> list[StoredLayer]:
+def _read_legacy(root: Any) -> list[StoredLayer]:
     stored = []
     for raw_name in root.attrs["layer_names"]:
         name = _text(raw_name)
@@ -329,7 +343,7 @@ def _read_legacy(root) -> list[StoredLayer]:
 _KERAS3_ENTRY = re.compile(r"(conv2d|dense)(?:_(\d+))?")
 
 
-def _read_keras3(layers, path: Path) -> list[StoredLayer]:
+def _read_keras3(layers: Any, path: Path) -> list[StoredLayer]:
     entries: dict[str, list[tuple[int, str]]] = {"conv2d": [], "dense": []}
     for key, group in layers.items():
         match = _KERAS3_ENTRY.fullmatch(key)
@@ -347,7 +361,7 @@ def _read_keras3(layers, path: Path) -> list[StoredLayer]:
     return stored
 
 
-def _shapes(shapes) -> str:
+def _shapes(shapes: Iterable[Sequence[int]]) -> str:
     return ", ".join(str(tuple(shape)) for shape in shapes)
 
 

@@ -1,0 +1,251 @@
+"""What a run is asked to do: one frozen object, checked once, before any backend starts.
+
+The command line builds ``ExtractOptions`` from its flags, and ``vggfeat.extract``
+from its keywords. Every bad value is refused when it is made, as an
+``OptionError`` (exit 2), before TensorFlow, JAX or Ray is imported. From it
+come the settings a file records, the job an engine runs, and the engine
+itself, whose own options are a dataclass of the engine's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from vggfeat.architecture import POOLINGS, TOP_IMAGE_SIZE, Architecture, Layer, vgg
+from vggfeat.engine import EngineOptions, Job, engine_options
+from vggfeat.errors import OptionError
+from vggfeat.images import RESIZE_MODES
+from vggfeat.network import PRECISIONS, Cut
+from vggfeat.runtime import BACKENDS, default_backend
+from vggfeat.store import COMMIT_IMAGES, COMPRESSIONS, STORED_DTYPES, LayerSpec, Settings, Shard
+from vggfeat.weights import WeightsRecord
+
+#: Extensions of formats export does not write that an output is still often named for.
+NOT_HDF5 = (".npz", ".json", ".pt")
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """Everything ``vggfeat extract`` takes, checked and in canonical form.
+
+    ``layers`` become the layers' canonical names (``FC7`` and ``fc2`` are
+    ``fc7``); ``files_from`` is read into a tuple of lines once; ``shard`` may
+    be given as ``"K/N"`` and ``engine`` as a name. ``batch_size`` None picks
+    the largest batch that is fast and fits in memory.
+    """
+
+    inputs: tuple[str, ...] = ()
+    output: str = "features.h5"
+    depth: int = 16
+    layers: tuple[str, ...] = ("fc7",)
+    pool: str = "none"
+    weights: str = "imagenet"
+    seed: int = 0
+    batch_size: int | None = None
+    image_size: int = TOP_IMAGE_SIZE
+    resize: str = "squash"
+    precision: str = "float32"
+    backend: str = field(default_factory=default_backend)
+    device: str | None = None
+    dtype: str = "float32"
+    compression: str = "none"
+    files_from: tuple[str, ...] = ()
+    workers: int | None = None
+    max_pixels: int | None = None
+    overwrite: bool = False
+    update: bool = False
+    prune: bool = False
+    yes: bool = False
+    shard: Shard | None = None
+    engine: EngineOptions = field(default_factory=lambda: engine_options("local"))
+    commit_every: int = COMMIT_IMAGES
+    command: str | None = None
+
+    def __post_init__(self) -> None:
+        self._normalize(
+            layers=_canonical(vgg(self.depth), self.layers),
+            backend=(self.backend or default_backend()).strip().lower(),
+            device=_device(self.device),
+        )
+        for option, value, allowed in (
+            ("pool", self.pool, POOLINGS),
+            ("resize", self.resize, RESIZE_MODES),
+            ("precision", self.precision, PRECISIONS),
+            ("dtype", self.dtype, STORED_DTYPES),
+            ("compression", self.compression, COMPRESSIONS),
+            ("backend", self.backend, BACKENDS),
+        ):
+            if value not in allowed:
+                raise OptionError(f"--{option} {value} is not one of {', '.join(allowed)}")
+        for option, number in (
+            ("--batch-size", self.batch_size),
+            ("--commit-every", self.commit_every),
+            ("--workers", self.workers),
+            ("--max-pixels", self.max_pixels),
+        ):
+            if number is not None and number < 1:
+                raise OptionError(f"{option} must be at least 1, not {number}")
+        vgg(self.depth).check_image_size([cut.layer for cut in self.cuts()], self.image_size)
+        _check_output_name(self.output)
+
+    def _normalize(self, **values: Any) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def make(
+        cls,
+        inputs: Iterable[str | os.PathLike[str]] = (),
+        output: str | os.PathLike[str] = "features.h5",
+        **options: Any,
+    ) -> ExtractOptions:
+        """Options from looser values, as ``vggfeat.extract`` takes them: paths as
+        ``Path``s, ``files_from`` as an open file, ``shard`` as ``"K/N"``, ``engine`` as a
+        name, ``layers`` as one name."""
+        unknown = sorted(set(options) - {option.name for option in fields(cls)})
+        if unknown:
+            raise TypeError(f"extract() got unexpected keyword arguments: {', '.join(unknown)}")
+        loose = {
+            "weights": lambda value: os.fspath(value),
+            "files_from": _lines,
+            "layers": lambda value: (value,) if isinstance(value, str) else tuple(value),
+            "shard": lambda value: Shard.parse(value) if isinstance(value, str) else value,
+            "engine": lambda value: engine_options(value) if isinstance(value, str) else value,
+        }
+        for name, convert in loose.items():
+            if name in options:
+                options[name] = convert(options[name])
+        if options.get("backend") is None:
+            options.pop("backend", None)
+        paths = tuple(os.fspath(path) for path in inputs)
+        return cls(inputs=paths, output=os.fspath(output), **options)
+
+    @property
+    def architecture(self) -> Architecture:
+        return vgg(self.depth)
+
+    def cuts(self) -> list[Cut]:
+        return [Cut(name, self.architecture.layer(name)) for name in self.layers]
+
+    @property
+    def deepest(self) -> Layer:
+        """The deepest layer asked for: the network is built through it."""
+        return max((cut.layer for cut in self.cuts()), key=self.architecture.layers.index)
+
+    @property
+    def needs_top(self) -> bool:
+        """Whether a layer of the classifier is asked for: its weights are needed too."""
+        return any(cut.layer.is_top for cut in self.cuts())
+
+    def layer_specs(self) -> tuple[LayerSpec, ...]:
+        """The output's datasets: per layer, its name, Keras layer, pooling and shape."""
+        catalogue = self.architecture.catalogue(self.image_size)
+        return tuple(
+            LayerSpec(
+                cut.label,
+                cut.layer.name,
+                self.pool if cut.pools(self.pool) else "none",
+                cut.feature_shape(catalogue, self.pool),
+            )
+            for cut in self.cuts()
+        )
+
+    def settings(self, weights: WeightsRecord, compute_dtype: str) -> Settings:
+        """What decides the numbers of the file, given what the weights are and what the
+        layers compute in (the engine knows that)."""
+        return Settings(
+            depth=self.depth,
+            layers=self.layers,
+            pooling=self.pool,
+            weights=weights.kind,
+            weights_file=weights.file,
+            weights_sha256=weights.sha256,
+            seed=self.seed,
+            image_size=self.image_size,
+            resize=self.resize,
+            compute_dtype=compute_dtype,
+            dtype=self.dtype,
+        )
+
+    def job(self, layers: Sequence[str], compute_dtype: str) -> Job:
+        """The engine's job, for the layers as the output names them."""
+        return Job(
+            depth=self.depth,
+            layers=tuple(layers),
+            image_size=self.image_size,
+            batch_size=self.batch_size,
+            pool=self.pool,
+            weights=self.weights,
+            seed=self.seed,
+            precision=self.precision,
+            resize=self.resize,
+            max_pixels=self.max_pixels,
+            workers=self.workers,
+            backend=self.backend,
+            device=self.device,
+            compute_dtype=compute_dtype,
+        )
+
+
+def _lines(source: Iterable[str]) -> tuple[str, ...]:
+    """``--files-from``'s lines, read once (standard input cannot be read twice)."""
+    if isinstance(source, str):
+        raise OptionError("files_from takes lines (a file or a list), not one string")
+    return tuple(line.rstrip("\r\n") for line in source)
+
+
+def _canonical(architecture: Architecture, names: Sequence[str]) -> tuple[str, ...]:
+    """Each layer's canonical name, once: another spelling of a layer given is refused."""
+    if not names:
+        raise OptionError("name at least one --layer")
+    chosen: dict[str, str] = {}
+    for name in names:
+        layer = architecture.layer(name)
+        if layer.alias in chosen:
+            raise OptionError(
+                f"--layer {name.strip()} and --layer {chosen[layer.alias]} are the same layer"
+            )
+        chosen[layer.alias] = name.strip()
+    return tuple(chosen)
+
+
+def _device(device: str | None) -> str | None:
+    """``cpu``, ``gpu`` or ``gpu:N``, lower case; ``OptionError`` for anything else."""
+    if device is None:
+        return None
+    choice = device.strip().lower()
+    if choice in ("cpu", "gpu") or (choice.startswith("gpu:") and choice[4:].isdigit()):
+        return choice
+    raise OptionError(f"--device {device} is not cpu, gpu or gpu:N")
+
+
+def _check_output_name(name: str) -> None:
+    """Refuse an output that names a stream or another format: extract writes HDF5 only."""
+    from vggfeat.export import EXTENSIONS, format_of
+
+    if name == "-":
+        raise OptionError(
+            "-o -: extract writes an HDF5 file, not a stream; write one (-o features.h5), "
+            "then 'vggfeat export features.h5 --format npy' writes it to standard output"
+        )
+    if not name:
+        raise OptionError("-o names no file; give the HDF5 file to write, e.g. -o features.h5")
+    if name.endswith(os.sep):
+        raise OptionError(f"-o {name} names a folder; name the HDF5 file to write in it")
+    longest = 255 - len(".parts")  # the work folder beside the output must fit too
+    if len(os.fsencode(os.path.basename(name))) > longest:
+        raise OptionError(f"-o {name}: the file name is too long; use at most {longest} bytes")
+    suffix = Path(name).suffix.lower()
+    if suffix.lstrip(".") not in EXTENSIONS and suffix not in NOT_HDF5:
+        return
+    stem = Path(name).with_suffix("")
+    h5 = str(stem if stem.suffix.lower() in (".h5", ".hdf5") else stem.with_suffix(".h5"))
+    convert = f"-o {name}" if format_of(name) else f"--format npy -o {stem}.npy"
+    raise OptionError(
+        f"-o {name}: extract writes HDF5 only; write {h5} and convert it with "
+        f"'vggfeat export {h5} {convert}'"
+    )
