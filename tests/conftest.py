@@ -7,7 +7,9 @@ that a bias lost or swapped shows in the outputs.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from functools import cache
 from pathlib import Path
 
@@ -89,3 +91,76 @@ def keras_home(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(home))
     monkeypatch.setattr("vggfeat.weights._RELEASES", (tmp_path / "no-such-server").as_uri())
     return home
+
+
+#: prctl's request to make a process adopt its descendants' orphans (Linux).
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def descendants(root: int) -> dict[int, str]:
+    """Every running process descended from ``root`` (zombies left out), with its command."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit() and fields[0] not in (b"Z", b"X"):
+            parents[int(entry)] = int(fields[1])
+    found: dict[int, str] = {}
+    waiting = [root]
+    while waiting:
+        parent = waiting.pop()
+        for pid in [p for p, ppid in parents.items() if ppid == parent and p not in found]:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                    found[pid] = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            waiting.append(pid)
+    return found
+
+
+@pytest.fixture
+def adopted():
+    """This test process adopts what its children leave behind when they are killed (a
+    child subreaper), so a test can see what a killed run left, and end it at the end:
+    processes it holds as their parent, never found by name."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        pytest.skip("this system cannot make a process adopt its orphans")
+    try:
+        yield lambda: descendants(os.getpid())
+    finally:
+        for _ in range(50):
+            left = descendants(os.getpid())
+            if not left:
+                break
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in left:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)  # ours once its parent is gone; else its parent's
+        for pid in adopted_zombies():
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def adopted_zombies() -> list[int]:
+    """Children of this process that have ended and wait to be taken away: the orphans it
+    adopted (its own subprocesses are waited for by the tests that started them)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit() and fields[0] == b"Z" and int(fields[1]) == os.getpid():
+            found.append(int(entry))
+    return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from importlib.metadata import version
 
 from click.testing import CliRunner
 
-from vggfeat.architecture import POOLINGS, vgg
+from vggfeat.architecture import vgg
 from vggfeat.cli import cli
 from vggfeat.weights import PUBLISHED
 
@@ -36,22 +37,30 @@ def test_info_depth_19_and_a_small_input():
     assert "fc1" not in result.output and "need 224x224" in result.output
 
 
-def test_info_json_matches_the_catalogue(keras_home):
-    result = invoke("info", "--depth", "19", "--json")
-    facts = json.loads(result.output)
-    catalogue = vgg(19).catalogue(224)
-    assert facts["total_params"] == catalogue.params == 143_667_240
-    assert facts["total_macs"] == catalogue.macs
-    assert [layer["name"] for layer in facts["layers"]] == [f.layer.name for f in catalogue.layers]
-    for entry, expected in zip(facts["layers"], catalogue.layers, strict=True):
-        assert entry["alias"] == expected.layer.alias
-        assert tuple(entry["output_shape"]) == expected.output_shape
-        assert (entry["params"], entry["macs"]) == (expected.params, expected.macs)
-        assert entry["feature_size"] == {p: expected.feature_size(p) for p in POOLINGS}
+def test_info_json_matches_keras_applications_vgg19(keras_home):
+    import keras
+
+    facts = json.loads(invoke("info", "--depth", "19", "--json").output)
+    model = keras.applications.VGG19(weights=None)  # the reference: Keras's own network
+    listed = [layer["name"] for layer in facts["layers"]]
+    assert listed == [layer.name for layer in model.layers[1:]]
+    macs = 0
+    for entry, layer in zip(facts["layers"], model.layers[1:], strict=True):
+        shape = tuple(layer.output.shape[1:])
+        assert (tuple(entry["output_shape"]), entry["params"]) == (shape, layer.count_params())
+        # Multiply-adds from the shapes: a kernel's weights once per output position.
+        weights = math.prod(layer.kernel.shape) if hasattr(layer, "kernel") else 0
+        positions = math.prod(shape[:-1]) if len(shape) == 3 else 1
+        assert entry["macs"] == weights * positions
+        macs += weights * positions
+        pooled = shape[-1] if len(shape) == 3 else math.prod(shape)
+        assert entry["feature_size"] == {"none": math.prod(shape), "avg": pooled, "max": pooled}
+    assert facts["total_params"] == model.count_params() == 143_667_240
+    assert facts["total_macs"] == macs
     assert facts["cut_points"][-3:] == ["fc6", "fc7", "fc8"]
     assert {w["file"] for w in facts["imagenet_weights"]} == {
-        PUBLISHED[19, True].fname,
-        PUBLISHED[19, False].fname,
+        "vgg19_weights_tf_dim_ordering_tf_kernels.h5",
+        "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
     }
     assert not any(w["cached"] for w in facts["imagenet_weights"])
 
@@ -113,6 +122,10 @@ def test_help_and_argument_errors_do_not_import_tensorflow(tmp_path):
         ["extract", image, "--image-size", "64"],
         ["extract", image, "-o", str(tmp_path / "file" / "out.h5")],
         ["extract", str(tmp_path / "empty")],
+        ["extract", image, "--layer", "fc2", "--layer", "FC7"],
+        ["extract", image, "--device", "tpu"],
+        ["extract", image, "--batch-size", "many"],
+        ["extract", image, "--engine", "ray", "--stall-timeout", "0"],
     ]
     probe = (
         "import sys, json\n"
@@ -131,18 +144,22 @@ def test_help_and_argument_errors_do_not_import_tensorflow(tmp_path):
     *answers, loaded = result.stdout.splitlines()
     assert loaded == "none"
     codes = [json.loads(answer)[0] for answer in answers]
-    assert codes == [0, 0, 2, 0, 0, 1, 2, 2, 1, 1]
+    assert codes == [0, 0, 2, 0, 0, 1, 2, 2, 1, 1, 2, 2, 2, 2]
     errors = [json.loads(answer)[1][0] for answer in answers[5:]]
     assert "missing does not exist" in errors[0]
     assert "VGG16 has no layer 'fc9'" in errors[1]
     assert "fc7 needs 224x224 input" in errors[2]
     assert errors[3].startswith(f"Error: cannot write output {tmp_path}/file/out.h5")
     assert "no images found in the inputs" in errors[4]
+    assert errors[5] == "Error: --layer FC7 and --layer fc2 are the same layer"
+    assert errors[6] == "Error: --device tpu is not cpu, gpu or gpu:N"
+    assert "'many' is not a number of images (1 or more) or auto" in errors[7]
+    assert errors[8] == "Error: --stall-timeout must be a number of seconds more than 0"
 
 
 def test_a_closed_pipe_ends_quietly_with_exit_0():
     # The reader is gone before the command starts: its first write meets a closed pipe.
-    commands = ["info --depth 19", "info --json", "devices", "--help", "--version", "show --help"]
+    commands = ["info --depth 19", "info --json", "--help", "--version", "show --help"]
     for command in commands:
         reader, writer = os.pipe()
         os.close(reader)
@@ -239,7 +256,7 @@ def test_extract_carries_on_when_the_reader_of_its_messages_goes_away(tmp_path):
         result = subprocess.run(
             [sys.executable, "-m", "vggfeat", "extract", str(tmp_path / "photos"), "-o",
              str(tmp_path / "f.h5"), "--layer", "conv1_1", "--pool", "avg", "--image-size",
-             "32", "--weights", "random"],
+             "32", "--weights", "random", "--backend", "jax"],
             stdout=subprocess.DEVNULL,
             stderr=writer,
         )  # fmt: skip

@@ -45,6 +45,36 @@ def test_code_is_ruff_clean():
     assert result.returncode == 0, result.stdout
 
 
+def test_code_is_typed_and_mypy_clean():
+    pytest.importorskip("mypy", reason="mypy comes with the 'test' extra")
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy"], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert result.returncode == 0, result.stdout
+
+
+#: What a test must not do: end processes by name (other people's included), or assert on
+#: how long something took (a busy machine makes such a test fail for nothing; a deadline
+#: that only stops a hang is fine).
+FORBIDDEN_IN_TESTS = {
+    r"\bpgrep\b|\bpkill\b|\bkillall\b": "kills by name",
+    r"\bassert\b[^\n]*\b(monotonic|perf_counter|time)\(\)\s*-": "asserts on how long it took",
+    r"\bassert\s+sys\.platform\b": "asserts nothing",
+}
+
+
+def test_tests_kill_only_what_they_started_and_never_time_themselves():
+    found = []
+    for test in sorted((ROOT / "tests").glob("*.py")):
+        text = test.read_text()
+        for pattern, defect in FORBIDDEN_IN_TESTS.items():
+            for match in re.finditer(pattern, text):
+                if test.name != "test_docs.py":
+                    line = text.count("\n", 0, match.start()) + 1
+                    found.append(f"{test.name}:{line} {defect}")
+    assert not found, found
+
+
 def test_every_option_is_in_the_readme():
     for name, command in cli.commands.items():
         for parameter in command.params:

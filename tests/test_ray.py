@@ -1,18 +1,20 @@
 """``--engine ray``: the same file as the local engine, on a local instance and on a cluster.
 
 Every cluster here runs on this machine, is started by the test and shut down
-by it; processes a killed driver leaves behind are found and ended.
+by it; what a killed driver leaves behind is found among the test's own
+descendants, never by name. Runs that stop on purpose compute on JAX, which
+starts in half the time TensorFlow does; the engine does the same on either.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,14 +23,18 @@ import pytest
 from PIL import Image
 
 import vggfeat
-from tests.conftest import absolute_paths
+from tests.conftest import absolute_paths, descendants
+from vggfeat import ray_engine
 from vggfeat.pipeline import extract
+from vggfeat.ray_engine import RayOptions
 
 ray = pytest.importorskip("ray", reason="Ray comes with the 'test' extra")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONS = {"layers": ["pool1"], "pool": "avg", "image_size": 32, "weights": "random"}
+#: Seconds of --stall-timeout: longer than starting a network actor takes on 2 busy cores.
+STALL = 20
 FLAGS = ["--layer", "pool1", "--pool", "avg", "--image-size", "32", "--weights", "random"]
 
 
@@ -59,12 +65,16 @@ def photos(tmp_path_factory):
     return images, reference
 
 
-def assert_same_file(output: Path, reference: Path, layer: str = "pool1") -> None:
+def assert_same_file(output: Path, reference: Path, layer: str = "pool1", rtol=1e-5) -> None:
+    """The same rows, failures and features; ``rtol`` 1e-4 where JAX computed one of them."""
     got, expected = vggfeat.load(output), vggfeat.load(reference)
     assert absolute_paths(got.paths, output) == absolute_paths(expected.paths, reference)
     assert absolute_paths(got.failed, output) == absolute_paths(expected.failed, reference)
     assert list(got.failed.values()) == list(expected.failed.values())
-    np.testing.assert_allclose(got.features[layer], expected.features[layer], rtol=1e-5, atol=1e-6)
+    values = expected.features[layer]
+    np.testing.assert_allclose(
+        got.features[layer], values, rtol=rtol, atol=rtol * np.abs(values).max()
+    )
 
 
 def command(images: Path, output: Path, *extra: str) -> list[str]:
@@ -82,47 +92,50 @@ def wait_for_parts(process: subprocess.Popen, output: Path, count: int, limit: f
         time.sleep(0.05)
 
 
-def end_processes_under(folder: Path) -> None:
-    """End what a killed driver's Ray instance left running (its processes name ``folder``)."""
-    found = subprocess.run(["pgrep", "-f", str(folder)], capture_output=True, text=True)
-    for pid in map(int, found.stdout.split()):
-        if pid != os.getpid():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+def test_a_local_instance_writes_the_local_engines_file(
+    photos, tmp_path, weight_files, monkeypatch
+):
+    images, _ = photos
+    options = {**OPTIONS, "weights": weight_files(16), "backend": "jax"}
+    extract([images], tmp_path / "local.h5", **{**options, "backend": "tensorflow"})
+    # The first commit takes 3 s while a stall limit of 1 s is in force: the driver's own
+    # writing is not waiting for the cluster, and must not stop the run.
+    watchdogs: list = []
 
+    class Recorded(ray_engine._Watchdog):
+        def __init__(self, limit: float) -> None:
+            super().__init__(limit)
+            watchdogs.append(self)
 
-@pytest.fixture
-def ray_tmp():
-    """A short folder for a Ray instance's sockets and logs (Unix socket paths are short)."""
-    folder = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))
-    yield folder
-    end_processes_under(folder)
+    savez, slow = np.savez, [True]
 
+    def slow_first_commit(file, **arrays):
+        if slow and slow.pop():
+            running = watchdogs[-1]  # the run's, made after the connection's
+            running.limit = 1.0
+            time.sleep(3)
+            running.limit = STALL
+        savez(file, **arrays)
 
-def test_a_local_instance_writes_the_local_engines_file(photos, tmp_path):
-    images, reference = photos
+    monkeypatch.setattr(ray_engine, "_Watchdog", Recorded)
+    monkeypatch.setattr("vggfeat.store.journal.np.savez", slow_first_commit)
     output = tmp_path / "ray.h5"
-    summary = extract([images], output, **OPTIONS, engine="ray", batch_size=4)
+    engine = RayOptions(stall_timeout=STALL)
+    summary = extract([images], output, **options, engine=engine, batch_size=4, commit_every=8)
+    assert not slow  # the slow commit happened
     assert (summary.engine, summary.computed, len(summary.failures)) == ("ray", 60, 4)
     assert sum(summary.rows_per_node.values()) == 60
-    assert_same_file(output, reference)
+    assert_same_file(output, tmp_path / "local.h5", rtol=1e-4)
     attributes = vggfeat.load(output).attributes
     assert attributes["engine"] == "ray" and '"nodes": 1' in attributes["cluster"]
+    sha256 = hashlib.sha256(weight_files(16).read_bytes()).hexdigest()
+    assert attributes["weights_sha256"] == sha256  # what every actor checked it received
     assert not ray.is_initialized()  # the instance vggfeat started is gone
 
 
-def test_a_weights_file_reaches_every_actor_checked(photos, tmp_path, weight_files):
-    images, _ = photos
-    weights = weight_files(16)
-    options = {**OPTIONS, "weights": weights}
-    extract([images], tmp_path / "local.h5", **options)
-    extract([images], tmp_path / "ray.h5", **options, engine="ray")
-    assert_same_file(tmp_path / "ray.h5", tmp_path / "local.h5")
-    local = vggfeat.load(tmp_path / "local.h5").attributes["weights_sha256"]
-    assert vggfeat.load(tmp_path / "ray.h5").attributes["weights_sha256"] == local != ""
-
-
-def test_a_weights_file_that_does_not_fit_is_one_line(photos, tmp_path, weight_files):
+def test_a_weights_file_that_does_not_fit_is_one_line_before_ray_starts(
+    photos, tmp_path, weight_files
+):
     images, _ = photos
     result = subprocess.run(
         command(images, tmp_path / "f.h5", "--weights", str(weight_files(19)), "--quiet"),
@@ -134,12 +147,11 @@ def test_a_weights_file_that_does_not_fit_is_one_line(photos, tmp_path, weight_f
         env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
     )
     assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    [line] = lines
+    [line] = result.stderr.strip().splitlines()
     assert line.startswith("Error: weights file ") and line.endswith(
         "is not for VGG16; the file holds 16 conv layers, as VGG19 does (--depth 19)"
     )
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
@@ -159,24 +171,8 @@ def test_bad_engine_options_are_usage_errors(tmp_path, options, message):
         cwd=ROOT,
         timeout=120,
     )
-    assert result.returncode in (1, 2) and message in result.stderr, result.stderr
+    assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert result.returncode == 2 or "ray-address" in message
-
-
-def test_sigterm_commits_and_exits_143(photos, tmp_path, ray_tmp):
-    images, _ = photos
-    output = tmp_path / "f.h5"
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-    heavy = ["--layer", "pool4", "--image-size", "128", "--commit-every", "4"]
-    process = subprocess.Popen(
-        [*command(images, output), *heavy], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
-    )
-    wait_for_parts(process, output, 1)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143, stderr
-    assert "Completed work is kept in" in stderr
 
 
 def test_something_that_listens_but_is_no_ray_cluster_fails_within_the_limit(tmp_path):
@@ -185,19 +181,18 @@ def test_something_that_listens_but_is_no_ray_cluster_fails_within_the_limit(tmp
         listener.listen()
         port = listener.getsockname()[1]
         images = make_photos(tmp_path / "photos", 1, broken=0)
-        started = time.monotonic()
         result = subprocess.run(
             command(images, tmp_path / "f.h5", "--ray-address", f"127.0.0.1:{port}"),
             capture_output=True,
             text=True,
             cwd=ROOT,
             env={**os.environ, "VGGFEAT_RAY_CONNECT_SECONDS": "5"},
-            timeout=120,
+            timeout=120,  # the limit is 5 s: a run that waits for ever fails here
         )
     assert result.returncode == 1, result.stderr
-    assert f"127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+    assert f"no Ray cluster answered at 127.0.0.1:{port} within 5 s" in result.stderr
+    assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert time.monotonic() - started < 60
 
 
 def test_without_ray_the_engine_is_refused_before_tensorflow(tmp_path):
@@ -221,7 +216,6 @@ def test_an_address_where_no_cluster_answers_fails_within_seconds(tmp_path):
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     images = make_photos(tmp_path / "photos", 1, broken=0)
-    started = time.monotonic()
     result = subprocess.run(
         command(images, tmp_path / "f.h5", "--ray-address", f"127.0.0.1:{port}"),
         capture_output=True,
@@ -231,75 +225,79 @@ def test_an_address_where_no_cluster_answers_fails_within_seconds(tmp_path):
     )
     assert result.returncode == 1
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in result.stderr
-    assert "Traceback" not in result.stderr and time.monotonic() - started < 60
+    assert "Traceback" not in result.stderr
     assert not list(tmp_path.glob("f.h5*"))
 
 
-def test_a_killed_worker_process_costs_nothing(photos, tmp_path, ray_tmp):
-    images, reference = photos
-    output = tmp_path / "f.h5"
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-    process = subprocess.Popen(
-        command(images, output, "--quiet"), cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
-    )
-    wait_for_parts(process, output, 1)
-    workers = subprocess.run(["pgrep", "-f", "ray::MapWorker"], capture_output=True, text=True)
-    for pid in map(int, workers.stdout.split()):
-        os.kill(pid, signal.SIGKILL)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr
-    assert workers.stdout.split(), "no network actor was found to kill"
-    assert_same_file(output, reference)
-
-
-def test_a_killed_driver_is_continued_by_the_same_command(photos, tmp_path, ray_tmp):
-    images, reference = photos
-    output = tmp_path / "f.h5"
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-    process = subprocess.Popen(command(images, output, "--quiet"), cwd=ROOT, env=env)
-    wait_for_parts(process, output, 2)
-    process.kill()
-    process.wait()
-    end_processes_under(ray_tmp)
-    assert not output.exists()
-    result = subprocess.run(
-        command(images, output), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == ""  # Ray's messages never reach stdout
-    assert_same_file(output, reference)
-
-
-def test_nodes_lost_mid_run_stop_within_the_stall_timeout_and_a_rerun_completes(photos, tmp_path):
-    images, _ = photos
-    output = tmp_path / "f.h5"
-    # A cut heavy enough that the run is still going when the nodes are lost.
-    heavy = ["--layer", "pool4", "--image-size", "128"]
+def test_kill_9_a_lost_actor_and_sigterm_cost_nothing_and_leave_nothing_running(tmp_path, adopted):
+    # Enough images that a run is still going when it is stopped.
+    images = make_photos(tmp_path / "many", 160, broken=0)
     reference = tmp_path / "local.h5"
-    extract([images], reference, **{**OPTIONS, "layers": ["pool4"], "image_size": 128})
-    # The head takes no work, so that once both workers are gone nothing can run.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    extract([images], reference, **OPTIONS)
+    output = tmp_path / "f.h5"
+    run = command(images, output, "--backend", "jax", "--commit-every", "4")
+    first = subprocess.Popen(run, cwd=ROOT, stderr=subprocess.DEVNULL)
+    wait_for_parts(first, output, 1)  # its Ray instance is up: servers, agents, workers
+    assert any("raylet" in line for line in descendants(first.pid).values())
+    first.kill()
+    first.wait()
+    # Whatever the killed driver left is this test's child now; within 60 s none is left.
+    deadline = time.monotonic() + 60
+    while (left := adopted()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, list(left.values())
+
+    second = subprocess.Popen(run, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    wait_for_parts(second, output, 1)
+    # The network actors of the run this test started: its driver's descendants.
+    actors = [pid for pid, line in descendants(second.pid).items() if "ray::MapWorker" in line]
+    assert actors, ("no network actor was found to kill", second.poll())
+    for pid in actors:
+        os.kill(pid, signal.SIGKILL)  # Ray starts another; the run goes on
+    wait_for_parts(second, output, 2)
+    second.send_signal(signal.SIGTERM)
+    _, stderr = second.communicate(timeout=120)
+    assert second.returncode == 143, stderr
+    assert "Completed work is kept in" in stderr
+
+    last = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert last.returncode == 0, last.stderr
+    assert last.stdout == ""  # Ray's messages never reach stdout
+    assert_same_file(output, reference, rtol=1e-4)
+
+
+def test_mixed_precision_on_gpu_actors_computes_in_float16(photos, tmp_path):
+    images, reference = photos
+    # A node that says it has a GPU: the actors take it, and mixed precision means float16
+    # there, whatever the driver's own CPU does fast.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
     try:
-        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-        cluster.wait_for_nodes()
-        run = command(images, output, "--ray-address", cluster.address, "--stall-timeout", "15")
-        run += [*heavy, "--commit-every", "4"]
-        process = subprocess.Popen(run, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-        wait_for_parts(process, output, 1)
-        cluster.remove_node(workers[0])
-        cluster.remove_node(workers[1])
-        stopped = time.monotonic()
-        _, stderr = process.communicate(timeout=120)
-        assert process.returncode == 1, stderr
-        assert "no image was done for 15 s (--stall-timeout)" in stderr
-        assert "completed work is kept" in stderr and "Traceback" not in stderr
-        assert time.monotonic() - stopped < 60
-        assert list(output.parent.glob("f.h5.parts/part-*.npz")) and not output.exists()
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        rerun = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert rerun.returncode == 0, rerun.stderr
+        engine = RayOptions(address=cluster.address)
+        output = tmp_path / "mixed.h5"
+        extract([images], output, **OPTIONS, engine=engine, precision="mixed", batch_size=4)
     finally:
         cluster.shutdown()
-    assert_same_file(output, reference, "pool4")
-    assert len(set(vggfeat.load(output).paths)) == 60
+    loaded = vggfeat.load(output)
+    assert loaded.attributes["compute_dtype"] == "float16"
+    assert json.loads(loaded.attributes["cluster"])["gpus_per_actor"] == 1
+    full = vggfeat.load(reference).features["pool1"]
+    mixed = loaded.features["pool1"]
+    assert not np.array_equal(mixed, full)
+    cosine = (mixed * full).sum(1) / np.linalg.norm(mixed, axis=1) / np.linalg.norm(full, axis=1)
+    assert cosine.min() > 0.999
+
+
+def test_a_cluster_where_no_network_can_start_stops_after_the_stall_timeout(photos, tmp_path):
+    images, _ = photos
+    output = tmp_path / "f.h5"
+    # The head takes no work and there are no other nodes: nothing can ever run.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        run = command(images, output, "--ray-address", cluster.address, "--stall-timeout", "5")
+        result = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        cluster.shutdown()
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("Error: no image was done for 5 s (--stall-timeout)")
+    assert "completed work is kept" in line and not output.exists()

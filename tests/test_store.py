@@ -6,11 +6,18 @@ every run (issue 8). Tiny images and a conv cut keep them fast.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import pty
+import select
 import signal
+import subprocess
 import sys
+from dataclasses import replace
+from importlib.metadata import version
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -23,8 +30,9 @@ from vggfeat import network as network_module
 from vggfeat.cli import ExitCode, cli
 from vggfeat.errors import VggfeatError
 from vggfeat.pipeline import Interrupted, Progress, extract
-from vggfeat.store import FeatureStore
+from vggfeat.store import RunWriter
 
+ROOT = Path(__file__).resolve().parent.parent
 OPTIONS = {"layers": ["pool1"], "pool": "avg", "image_size": 32, "weights": "random"}
 FLAGS = ["--layer", "pool1", "--pool", "avg", "--image-size", "32", "--weights", "random"]
 
@@ -38,6 +46,10 @@ def make_images(folder, count: int, seed: int = 0, start: int = 0) -> list[str]:
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(path)
         paths.append(str(path))
     return paths
+
+
+def keras_version() -> str:
+    return version("keras")
 
 
 def invoke(*args: str):
@@ -326,7 +338,7 @@ def test_a_signal_during_a_commit_waits_for_it_and_writes_rows_once(tmp_path, mo
         if len(arrays["paths"]):
             os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of the commit
 
-    monkeypatch.setattr("vggfeat.store.np.savez", savez_then_signal)
+    monkeypatch.setattr("vggfeat.store.journal.np.savez", savez_then_signal)
     with pytest.raises(Interrupted):
         extract([tmp_path / "photos"], output, **OPTIONS, commit_every=2, batch_size=2)
     monkeypatch.undo()
@@ -347,7 +359,7 @@ def test_a_run_that_only_assembles_records_versions_and_hash(tmp_path, weight_fi
     def killed(self, prune=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(FeatureStore, "assemble", killed)
+    monkeypatch.setattr(RunWriter, "assemble", killed)
     with pytest.raises(Interrupted):
         extract([tmp_path / "photos"], output, **options)
     monkeypatch.undo()
@@ -511,7 +523,7 @@ def test_a_plain_run_finishes_what_the_shards_left(tmp_path, monkeypatch):
     def killed(self, prune=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(FeatureStore, "assemble", killed)
+    monkeypatch.setattr(RunWriter, "assemble", killed)
     with pytest.raises(Interrupted):
         extract([tmp_path / "photos"], output, **OPTIONS, shard="2/2")
     monkeypatch.undo()
@@ -526,6 +538,233 @@ def test_a_bad_shard_is_a_usage_error(tmp_path):
         result = invoke(
             "extract", str(tmp_path / "photos"), "-o", str(tmp_path / "f.h5"), "--shard", shard
         )
-        assert result.exit_code != 0 and "--shard" in result.output
-    assert sys.platform  # the refusals above start nothing
-    assert not list(tmp_path.glob("f.h5*"))
+        assert result.exit_code == ExitCode.USAGE and "--shard" in result.output
+    assert not list(tmp_path.glob("f.h5*"))  # the refusals above start nothing
+
+
+# Issue 15: crash safety in the structure, canonical names, provenance per run ------------------
+
+
+class _Exploding:
+    """A batch's features whose conversion is interrupted, as by Ctrl-C at that moment."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __array__(self, dtype=None, copy=None):
+        raise KeyboardInterrupt
+
+
+def test_an_interrupt_while_a_batch_joins_the_buffer_commits_whole_batches_only(
+    tmp_path, monkeypatch
+):
+    from vggfeat.local_engine import LocalEngine
+
+    make_images(tmp_path / "photos", 6)
+    output = tmp_path / "f.h5"
+    run = LocalEngine.run
+
+    def interrupted_on_the_second_batch(self, paths):
+        for number, result in enumerate(run(self, paths)):
+            yield replace(result, features=(_Exploding(),)) if number == 1 else result
+
+    monkeypatch.setattr(LocalEngine, "run", interrupted_on_the_second_batch)
+    with pytest.raises(Interrupted):
+        extract([tmp_path / "photos"], output, **OPTIONS, batch_size=2, commit_every=10)
+    monkeypatch.undo()
+    with np.load(output.with_name("f.h5.parts") / parts(output)[0]) as part:
+        assert len(part["paths"]) == len(part["features_0"]) == 2  # the first batch, whole
+    finished = extract([tmp_path / "photos"], output, **OPTIONS)
+    assert (finished.already, finished.computed, finished.rows) == (2, 4, 6)
+    extract([tmp_path / "photos"], tmp_path / "clean.h5", **OPTIONS)
+    clean = vggfeat.load(tmp_path / "clean.h5").features["pool1"]
+    np.testing.assert_allclose(vggfeat.load(output).features["pool1"], clean, rtol=1e-5)
+
+
+def test_a_part_whose_arrays_disagree_is_set_aside_and_its_images_computed_again(tmp_path):
+    make_images(tmp_path / "photos", 6)
+    output = tmp_path / "f.h5"
+    stop_after(4, tmp_path / "photos", output)
+    folder = output.with_name("f.h5.parts")
+    damaged = folder / parts(output)[0]
+    with np.load(damaged) as part:
+        arrays = dict(part)
+    arrays["features_0"] = arrays["features_0"][:1]  # more paths than rows of features
+    with open(damaged, "wb") as file:
+        np.savez(file, **arrays)
+    with vggfeat.open(output) as file:  # a reader leaves it out and says so
+        assert file.pending == 2 and len(file.damaged) == 1
+        assert file.damaged[0].startswith(f"{damaged} is damaged")
+    notices: list[str] = []
+    finished = extract([tmp_path / "photos"], output, **OPTIONS, on_notice=notices.append)
+    assert (finished.already, finished.computed, finished.rows) == (2, 4, 6)
+    [notice] = notices
+    assert notice.startswith(f"{damaged} is damaged") and "computed again" in notice
+    extract([tmp_path / "photos"], tmp_path / "clean.h5", **OPTIONS)
+    got, clean = vggfeat.load(output), vggfeat.load(tmp_path / "clean.h5")
+    # The images of the part set aside take their rows after those that were kept.
+    order = np.argsort(got.paths)
+    assert [got.paths[i] for i in order] == clean.paths
+    np.testing.assert_allclose(got.features["pool1"][order], clean.features["pool1"], rtol=1e-5)
+
+
+def test_a_restarting_shard_leaves_the_files_other_shards_are_writing_alone(tmp_path):
+    make_images(tmp_path / "photos", 4)
+    output = tmp_path / "f.h5"
+    extract([tmp_path / "photos"], output, **OPTIONS, shard="1/2")
+    folder = output.with_name("f.h5.parts")
+    # Shard 2's process is alive (it holds its lock) and is writing its 123rd part: a name in
+    # which a careless pattern for shard 1's leftovers (*-0001*.tmp) finds "-0001" too.
+    holder = os.open(folder / "shard-0002.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        being_written = [
+            folder / "part-0002-000123.npz.tmp",
+            folder / "part-0002-000123.npz.4242-0badcafe.tmp",
+            folder / "shard-0002.json.4242-0badcafe.tmp",
+        ]
+        for name in being_written:
+            name.write_bytes(b"half of a part")
+        again = extract([tmp_path / "photos"], output, **OPTIONS, shard="1/2")
+        assert not again.assembled and again.waiting_for == (2,)
+        assert [name.exists() for name in being_written] == [True, True, True]
+    finally:
+        os.close(holder)
+
+
+def test_confirming_a_prune_of_every_row_at_the_terminal_keeps_files_from(tmp_path):
+    make_images(tmp_path / "photos", 2)
+    output = tmp_path / "f.h5"
+    extract([tmp_path / "photos"], output, **OPTIONS)
+    (tmp_path / "photos").rename(tmp_path / "moved")
+    listed = make_images(tmp_path / "other", 2, seed=5)
+    (tmp_path / "list.txt").write_text("\n".join(listed) + "\n")
+    command = [sys.executable, "-m", "vggfeat", "extract", "--files-from",
+               str(tmp_path / "list.txt"), "-o", str(output), *FLAGS, "--prune",
+               "--backend", "jax"]  # fmt: skip
+    transcript = _at_a_terminal(command, answer=b"y\n", after=b"Drop them")
+    assert "would drop all 2 rows" in transcript, transcript
+    loaded = vggfeat.load(output)
+    assert loaded.paths == ["other/img000.png", "other/img001.png"], transcript
+
+
+def _at_a_terminal(command: list[str], answer: bytes, after: bytes) -> str:
+    """Run ``command`` with a terminal as stdin and stderr; type ``answer`` once ``after``
+    appears. What the terminal showed."""
+    main, terminal = pty.openpty()
+    process = subprocess.Popen(
+        command, stdin=terminal, stderr=terminal, stdout=subprocess.DEVNULL, cwd=ROOT
+    )
+    os.close(terminal)
+    shown = b""
+    answered = False
+    try:
+        while True:
+            ready, _, _ = select.select([main], [], [], 300)
+            assert ready, f"the command went quiet: {shown!r}"
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # the command ended and closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+            if after in shown and not answered:
+                os.write(main, answer)
+                answered = True
+        assert process.wait(timeout=120) == 0, shown
+    finally:
+        os.close(main)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return shown.decode(errors="replace")
+
+
+def test_every_spelling_of_a_layer_continues_the_same_file(tmp_path):
+    paths = make_images(tmp_path / "photos", 3)
+    output = tmp_path / "f.h5"
+    first = extract(paths[:1], output, **{**OPTIONS, "layers": ["POOL1"]})
+    again = extract(paths[:2], output, **{**OPTIONS, "layers": ["block1_pool"]})
+    last = extract(paths, output, **{**OPTIONS, "layers": [" Pool1 "]})
+    assert (first.stored, again.stored, last.stored, last.rows) == (1, 1, 1, 3)
+    with h5py.File(output) as file:
+        assert list(file["features"]) == ["pool1"]
+        assert json.loads(file.attrs["settings"])["layers"] == ["pool1"]
+        assert file["features/pool1"].attrs["keras_layer"] == "block1_pool"
+    # A file written before names were canonical keeps its own name for the layer.
+    older = tmp_path / "older.h5"
+    older.write_bytes(output.read_bytes())
+    with h5py.File(older, "r+") as file:
+        file.move("features/pool1", "features/Block1_Pool")
+        settings = {**json.loads(file.attrs["settings"]), "layers": ["Block1_Pool"]}
+        file.attrs["settings"] = json.dumps(settings)
+    more = make_images(tmp_path / "photos", 1, seed=4, start=3)
+    continued = extract([*paths, *more], older, **OPTIONS)
+    assert (continued.computed, continued.rows) == (1, 4)
+    loaded = vggfeat.load(older)
+    assert list(loaded.features) == ["Block1_Pool"] and len(loaded.features["Block1_Pool"]) == 4
+    np.testing.assert_array_equal(
+        loaded.features["Block1_Pool"][:3], vggfeat.load(output).features["pool1"]
+    )
+
+
+def test_each_run_that_adds_rows_is_on_record_and_shown(tmp_path):
+    make_images(tmp_path / "photos", 2)
+    output = tmp_path / "f.h5"
+    extract([tmp_path / "photos"], output, **OPTIONS, command="vggfeat extract first")
+    make_images(tmp_path / "photos", 1, seed=2, start=2)
+    extract([tmp_path / "photos"], output, **OPTIONS, command="vggfeat extract second")
+    (tmp_path / "photos" / "img000.png").unlink()
+    extract([tmp_path / "photos"], output, **OPTIONS, prune=True, command="vggfeat extract third")
+    with h5py.File(output) as file:  # h5py alone reads the record
+        runs = [json.loads(entry) for entry in file["runs"].asstr()[()]]
+    assert [run["command"] for run in runs] == [f"vggfeat extract {n}" for n in
+                                                ("first", "second", "third")]  # fmt: skip
+    assert [(r["rows_added"], r["rows_dropped"]) for r in runs] == [(2, 0), (1, 0), (0, 1)]
+    for run in runs:
+        assert run["backend"] == "tensorflow" and run["keras_version"] == keras_version()
+        assert run["started"] <= run["finished"]
+    assert vggfeat.load(output).runs == runs
+    shown = invoke("show", str(output)).output
+    assert "run 2: " in shown and "1 row added" in shown and "vggfeat extract second" in shown
+    assert json.loads(invoke("show", str(output), "--json").output)["runs"] == runs
+
+
+def test_a_rerun_says_which_rows_name_files_that_are_gone(tmp_path):
+    make_images(tmp_path / "photos", 3)
+    args = ["extract", str(tmp_path / "photos"), "-o", str(tmp_path / "f.h5"), *FLAGS]
+    assert invoke(*args).exit_code == 0
+    (tmp_path / "photos" / "img001.png").unlink()
+    result = invoke(*args)
+    assert result.exit_code == 0
+    assert "Nothing new: all 2 images are already in" in result.output
+    assert (
+        f"1 row of {tmp_path / 'f.h5'} names a file that no longer exists; --prune drops them."
+        in result.output
+    )
+    pruned = invoke(*args, "--prune")
+    assert "no longer exist" not in pruned.output and "1 dropped" in pruned.output
+
+
+def test_every_shard_takes_its_share_of_the_list_the_run_started_with(tmp_path):
+    make_images(tmp_path / "photos", 4)
+    output = tmp_path / "f.h5"
+    first = extract([tmp_path / "photos"], output, **OPTIONS, shard="1/2")
+    assert (first.computed, first.waiting_for) == (2, (2,))
+    # An image added now is not in the run's list: shard 2 does its share as planned.
+    make_images(tmp_path / "photos", 1, seed=7, start=9)
+    second = extract([tmp_path / "photos"], output, **OPTIONS, shard="2/2")
+    assert (second.computed, second.rows, second.left_for_later) == (2, 4, 1)
+    assert "img009.png" not in "".join(vggfeat.load(output).paths)
+    assert extract([tmp_path / "photos"], output, **OPTIONS).stored == 1  # the next run adds it
+
+
+def test_an_unfinished_run_takes_in_images_added_since_it_started(tmp_path):
+    make_images(tmp_path / "photos", 4)
+    output = tmp_path / "f.h5"
+    stop_after(2, tmp_path / "photos", output)
+    make_images(tmp_path / "photos", 2, seed=7, start=4)
+    finished = extract([tmp_path / "photos"], output, **OPTIONS)
+    assert (finished.already, finished.computed, finished.rows) == (2, 4, 6)
+    assert vggfeat.load(output).paths == [f"photos/img{i:03d}.png" for i in range(6)]
