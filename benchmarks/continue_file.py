@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from run import show_and_record  # noqa: E402
 
-from vggfeat.output import FeatureSet, Layout, Rows, Settings, create, writing  # noqa: E402
+from vggfeat.store.hdf5 import appending, create  # noqa: E402
+from vggfeat.store.layout import LayerSpec, Layout, Rows, Settings  # noqa: E402
 
 OPTIONS = ["--layer", "conv1_1", "--pool", "avg", "--image-size", "32", "--weights", "random"]
 
@@ -68,11 +69,11 @@ def make_file(path: Path, rows: int) -> None:
         compute_dtype="float32",
         dtype="float32",
     )
-    layout = Layout(settings, (FeatureSet("conv1_1", "block1_conv1", "avg", (64,)),), "none", {})
+    layout = Layout(settings, (LayerSpec("conv1_1", "block1_conv1", "avg", (64,)),), "none", {})
     create(path, layout, 256)
     rng = np.random.default_rng(0)
     block = 100_000
-    with writing(path) as writer:
+    with appending(path) as writer:
         for start in range(0, rows, block):
             count = min(block, rows - start)
             paths = [f"old/{i:08d}.png" for i in range(start, start + count)]

@@ -66,18 +66,19 @@ def network_alone(batch_size: int) -> float:
 
 def build(batch_size: int):
     from vggfeat.architecture import vgg
-    from vggfeat.network import Cut, FeatureNetwork
+    from vggfeat.network import Cut, CutNetwork
 
     architecture = vgg(16)
-    return FeatureNetwork(
+    network = CutNetwork(
         architecture,
         [Cut(LAYER, architecture.layer(LAYER))],
         IMAGE_SIZE,
-        batch_size,
         weights="random",
         precision="mixed",
         backend="jax",
     )
+    network.set_batch_size(batch_size)
+    return network
 
 
 def decode(path: str):

@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from continue_file import synthetic_rows  # noqa: E402
 from run import show_and_record  # noqa: E402
 
-from vggfeat.output import FeatureSet, Layout, Settings, create, writing  # noqa: E402
+from vggfeat.store.hdf5 import appending, create  # noqa: E402
+from vggfeat.store.layout import LayerSpec, Layout, Settings  # noqa: E402
 
 CUTS = ("conv5_3", "pool5", "fc7")
 MAP = (14, 14, 512)
@@ -65,6 +66,8 @@ def child(*args: str) -> tuple[float, float]:
 
 
 def make_photos(folder: Path, count: int = 64) -> Path:
+    if folder.exists():
+        return folder
     folder.mkdir()
     rng = np.random.default_rng(0)
     for index in range(count):
@@ -104,11 +107,11 @@ def make_large_file(path: Path, gigabytes: float) -> None:
         weights_sha256="", seed=0, image_size=224, resize="squash", compute_dtype="float32",
         dtype="float32",
     )  # fmt: skip
-    layout = Layout(settings, (FeatureSet("conv5_3", "block5_conv3", "none", MAP),), "none", {})
+    layout = Layout(settings, (LayerSpec("conv5_3", "block5_conv3", "none", MAP),), "none", {})
     create(path, layout, 256)
     rng = np.random.default_rng(0)
     block = max(1, (256 << 20) // row_bytes)
-    with writing(path) as writer:
+    with appending(path) as writer:
         for start in range(0, rows, block):
             count = min(block, rows - start)
             paths = [f"photos/{i:08d}.jpg" for i in range(start, start + count)]
@@ -138,6 +141,40 @@ def extract_table(work: Path) -> list[str]:
             batch = options[-1] if "--batch-size" in options else "default (8)"
             lines.append(f"| {cut} | {label} | {batch} | {peak:,.0f} MB | {seconds:.1f} s |")
             print(lines[-1], flush=True)
+    return lines
+
+
+def activations_table(work: Path) -> list[str]:
+    """What each image adds to the peak, against the catalogue's count of its activations:
+    the ratio is ``vggfeat.memory.ACTIVATION_FACTOR``'s measurement."""
+    from vggfeat.architecture import vgg
+
+    photos = make_photos(work / "photos")
+    catalogue = vgg(16).catalogue(224)
+    lines = [
+        "",
+        "What one more image in a batch costs at its peak (64 photos at 224x224, random "
+        "weights; the slope between batches of 8 and 32), against the bytes of activations "
+        "the catalogue counts for one image (`Catalogue.activation_bytes`):",
+        "",
+        "| cut | batch 8 | batch 32 | per image, measured | per image, counted | ratio |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for cut in ("pool1", "conv3_3", "pool5", "fc7"):
+        peaks = []
+        for batch in (8, 32):
+            output = work / f"{cut}-{batch}.h5"
+            peak, _ = child("extract", str(photos), "-o", str(output), "--layer", cut, "-q",
+                            "--weights", "random", "--batch-size", str(batch))  # fmt: skip
+            output.unlink()
+            peaks.append(peak)
+        measured = (peaks[1] - peaks[0]) / 24
+        counted = catalogue.activation_bytes([vgg(16).layer(cut)]) / 1e6
+        lines.append(
+            f"| {cut} | {peaks[0]:,.0f} MB | {peaks[1]:,.0f} MB | {measured:,.1f} MB | "
+            f"{counted:,.1f} MB | {measured / counted:.2f} |"
+        )
+        print(lines[-1], flush=True)
     return lines
 
 
@@ -174,6 +211,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export-gb", type=float, default=2.0)
     parser.add_argument("--skip-extract", action="store_true")
+    parser.add_argument(
+        "--activations-only", action="store_true", help="only what one more image costs"
+    )
     parser.add_argument("--folder", type=Path, help="where to work (default: a temporary folder)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     parser.add_argument("--no-record", action="store_true")
@@ -197,9 +237,13 @@ def main() -> None:
             "JPEGs) at 224x224, float32, TensorFlow on the CPU:",
             "",
         ]
-        if not arguments.skip_extract:
-            lines += extract_table(work)
-        lines += export_table(work, arguments.export_gb)
+        if arguments.activations_only:
+            lines += activations_table(work)
+        else:
+            if not arguments.skip_extract:
+                lines += extract_table(work)
+            lines += activations_table(work)
+            lines += export_table(work, arguments.export_gb)
         lines.append("")
     show_and_record(lines, None if arguments.no_record else arguments.results)
 

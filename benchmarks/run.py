@@ -219,18 +219,14 @@ def make_folder(
 
 def network_alone(profile: Profile, precision: str) -> float:
     from vggfeat.architecture import vgg
-    from vggfeat.network import Cut, FeatureNetwork
+    from vggfeat.network import Cut, CutNetwork
 
     architecture = vgg(16)
     cut = Cut(profile.layer, architecture.layer(profile.layer))
-    network = FeatureNetwork(
-        architecture,
-        [cut],
-        profile.image_size,
-        profile.batch_size,
-        weights="random",
-        precision=precision,
+    network = CutNetwork(
+        architecture, [cut], profile.image_size, weights="random", precision=precision
     )
+    network.set_batch_size(profile.batch_size)
     size = profile.image_size
     batch = np.random.default_rng(0).integers(0, 256, (profile.batch_size, size, size, 3), np.uint8)
     network(batch)

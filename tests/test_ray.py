@@ -247,14 +247,15 @@ def test_kill_9_a_lost_actor_and_sigterm_cost_nothing_and_leave_nothing_running(
         time.sleep(0.2)
     assert not left, list(left.values())
 
+    committed = len(list(output.parent.glob("f.h5.parts/part-*.npz")))
     second = subprocess.Popen(run, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    wait_for_parts(second, output, 1)
+    wait_for_parts(second, output, committed + 1)
     # The network actors of the run this test started: its driver's descendants.
     actors = [pid for pid, line in descendants(second.pid).items() if "ray::MapWorker" in line]
     assert actors, ("no network actor was found to kill", second.poll())
     for pid in actors:
         os.kill(pid, signal.SIGKILL)  # Ray starts another; the run goes on
-    wait_for_parts(second, output, 2)
+    wait_for_parts(second, output, committed + 2)
     second.send_signal(signal.SIGTERM)
     _, stderr = second.communicate(timeout=120)
     assert second.returncode == 143, stderr

@@ -20,9 +20,10 @@ from vggfeat.atomic import size_text
 #: Images per network call when none is asked for: what is fast. On a CPU, 8 compute as
 #: fast as 32 (fc7 at 224x224: 11.7 and 12.1 images/s on 2 cores) in 0.8 GB less memory.
 BATCH_SIZES = {"cpu": 8, "gpu": 32}
-#: What the backends hold per image for each byte of activations the catalogue counts:
-#: copies, layouts and workspace of the convolutions. Measured (benchmarks/memory.py).
-ACTIVATION_FACTOR = 1.5
+#: What the backends hold per image for each byte of activations the catalogue counts.
+#: Measured 0.27 to 0.93 with TensorFlow on a CPU (benchmarks/RESULTS.md, "Activations per
+#: image"): the count is an upper bound, taken as it is.
+ACTIVATION_FACTOR = 1.0
 #: Memory left alone for the rest of the process and the system.
 MARGIN_BYTES = 256 << 20
 

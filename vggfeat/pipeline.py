@@ -179,40 +179,48 @@ class _Run:
         self.waiting = self.network = self.writing = 0.0
 
     def execute(self) -> Summary:
+        weights, images = self._preflight()
+        engine = self.options.engine.open()
+        try:
+            with stopping_on_signals(), pixel_limit(self.options.max_pixels):
+                return self._run(engine, weights, images)
+        finally:
+            engine.close()
+
+    def _preflight(self) -> tuple[WeightsRecord, list[str]]:
+        """What can be refused before any backend or cluster starts: a missing package, a
+        weights file that does not fit, inputs that do not exist. The weights, the images."""
         options = self.options
         options.engine.require()
         require(options.backend)
         weights = identify_weights(
             options.architecture, options.needs_top, options.weights, options.seed
         )
-        if weights.kind == "file":  # a file that does not fit is refused before any backend
-            check_fits(
-                options.architecture, options.image_size, options.deepest, Path(options.weights)
-            )
-        images = discover(options.inputs, options.files_from)
-        engine = options.engine.open()
+        if weights.kind == "file":
+            path = Path(options.weights)
+            check_fits(options.architecture, options.image_size, options.deepest, path)
+        return weights, discover(options.inputs, options.files_from)
+
+    def _run(self, engine: Engine, weights: WeightsRecord, images: list[str]) -> Summary:
+        """Plan, drive, finish; on a stop or an error, keep what is computed first."""
         writer: RunWriter | None = None
         try:
-            with stopping_on_signals(), pixel_limit(options.max_pixels):
-                try:
-                    writer = self._plan(engine, weights, images)
-                    pruned = writer.pruned(options.yes) if options.prune else set()
-                    self._drive(engine, writer)
-                    return self._finish(engine, writer, pruned)
-                except (KeyboardInterrupt, Terminated) as stop:
-                    if writer is not None:
-                        self._keep_what_is_done(writer, stop)
-                    reason = engine.stop_reason()
-                    if reason is not None:
-                        raise reason from None
-                    code = 143 if isinstance(stop, Terminated) else 130
-                    raise Interrupted(code, parts_folder(output_path(options.output))) from None
-                except BaseException as error:
-                    if writer is not None:
-                        self._keep_what_is_done(writer, error)
-                    raise
-        finally:
-            engine.close()
+            writer = self._plan(engine, weights, images)
+            pruned = writer.pruned(self.options.yes) if self.options.prune else set()
+            self._drive(engine, writer)
+            return self._finish(engine, writer, pruned)
+        except (KeyboardInterrupt, Terminated) as stop:
+            if writer is not None:
+                self._keep_what_is_done(writer, stop)
+            reason = engine.stop_reason()
+            if reason is not None:
+                raise reason from None
+            code = 143 if isinstance(stop, Terminated) else 130
+            raise Interrupted(code, parts_folder(output_path(self.options.output))) from None
+        except BaseException as error:
+            if writer is not None:
+                self._keep_what_is_done(writer, error)
+            raise
 
     # Plan ---------------------------------------------------------------------------------
 
