@@ -19,7 +19,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from typing import Any
 from vggfeat.atomic import Lock, fsync_folder, write_atomically
 from vggfeat.errors import OptionError, OutputError
 from vggfeat.store.hdf5 import FORMAT_VERSION, counts, open_hdf5, read_attributes
-from vggfeat.store.identity import parts_folder
+from vggfeat.store.identity import Stamp, parts_folder
 from vggfeat.store.layout import Layout, Settings
 
 #: What to do about an output that cannot be continued, after the reason.
@@ -146,6 +146,74 @@ def extend_work(folder: Path, output: Path, plan: Plan, work: list[str], kept: s
 
 def _work_file(folder: Path, plan: Plan) -> Path:
     return folder / f"work-{plan.id}.json"
+
+
+# Shares of the work ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shares:
+    """What one process of a run has to do, by the run's list of images."""
+
+    work: list[tuple[int, list[str]]]
+    """Each shard this process does, with the keys it still has to do, in order."""
+    already: int
+    """Of this process's images, those done: in the output, in parts, or another's share."""
+    left_for_later: int
+    """Images this process was given that the run did not list and cannot take in."""
+    listed: list[str]
+    """The run's list, with the images this process was given taken in where it may."""
+
+
+def share_out(
+    listed: list[str],
+    shards: int,
+    *,
+    mine: list[int],
+    unfinished: set[int],
+    candidates: dict[str, str],
+    in_parts: dict[str, Stamp],
+    stored: dict[str, Stamp],
+    update: bool,
+    path_of: Callable[[str], str],
+) -> Shares:
+    """Each of ``mine`` (shards this process holds, unfinished) gets its contiguous share
+    of ``listed``, less what is in parts. Images given to this process that the list lacks
+    (added since the run started) join the list when the run is one shard held here; else
+    the next run adds them."""
+    known = set(listed)
+    extras = [
+        key
+        for key, path in candidates.items()
+        if key not in known and key not in in_parts and needs_work(path, stored.get(key), update)
+    ]
+    if extras and mine == [1] and shards == 1:
+        listed, extras = [*listed, *extras], []
+    work = []
+    busy = set(extras)
+    for index in range(1, shards + 1):
+        share = Shard(index, shards).share(listed)
+        if index in mine:
+            todo = [key for key in share if needs_work(path_of(key), in_parts.get(key), update)]
+            work.append((index, todo))
+            busy.update(todo)
+        elif index in unfinished:
+            busy.update(share)  # another process's
+    already = sum(1 for key in candidates if key not in busy)
+    return Shares(work, already, len(extras), listed)
+
+
+def needs_work(path: str, done: Stamp | None, update: bool) -> bool:
+    """Whether the image at ``path`` is new, or, with ``update``, changed since ``done``."""
+    if done is None:
+        return True
+    if not update:
+        return False
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False  # gone: kept unless pruned
+    return Stamp(info.st_size, info.st_mtime_ns) != done
 
 
 # Checks before anything changes ---------------------------------------------------------------

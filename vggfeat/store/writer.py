@@ -51,9 +51,11 @@ from vggfeat.store.plan import (
     extend_work,
     finished,
     lock_shards,
+    needs_work,
     read_plan,
     read_work,
     record_finished,
+    share_out,
     stored_settings,
     unfinish,
 )
@@ -209,7 +211,7 @@ class RunWriter:
             candidates.setdefault(identity.key(image), image)  # one image, however named
         done = stored[0] | stored[1]
         basis = [
-            key for key, image in candidates.items() if _needs_work(image, done.get(key), update)
+            key for key, image in candidates.items() if needs_work(image, done.get(key), update)
         ]
         plan = claim(folder, path, Plan(uuid.uuid4().hex, layout, shards, overwrite), basis)
         check_unfinished(plan, path, layout.settings, overwrite, None)
@@ -248,42 +250,27 @@ class RunWriter:
                                 f"{aside.name}, its images are computed again")  # fmt: skip
 
     def _share_out(self, update: bool, basis: list[str]) -> None:
-        """Each held shard's images still to do, from the run's list; how many are done.
+        """This process's shares of the run's list of images, and how many are done.
 
         A run recorded by vggfeat 0.1 has no list: this run's own ``basis`` stands in.
         """
-        work = read_work(self.folder, self.plan)
-        if work is None:
-            work = basis
-            if len(self._locks) == self.plan.shards:
-                extend_work(self.folder, self.path, self.plan, work, self.journal.kept())
-        in_parts = self._in_parts
-        mine = [i for i in sorted(self._locks) if not finished(self.folder, i)]
-        listed = set(work)
-        done = self.stored_rows | self.stored_failed
-        extras = [
-            key
-            for key, image in self._candidates.items()
-            if key not in listed
-            and key not in in_parts
-            and _needs_work(image, done.get(key), update)
-        ]
-        if extras and mine == [1] and self.plan.shards == 1:
-            work = [*work, *extras]
-            extend_work(self.folder, self.path, self.plan, work, self.journal.kept())
-            extras = []
-        busy: set[str] = set()
-        for index in range(1, self.plan.shards + 1):
-            share = Shard(index, self.plan.shards).share(work)
-            if index in mine:
-                todo = [k for k in share if _needs_work(self._path(k), in_parts.get(k), update)]
-                self.work.append(ShardWork(index, [self._path(key) for key in todo]))
-                busy.update(todo)
-            elif not finished(self.folder, index):
-                busy.update(share)  # another process's
-        busy.update(extras)
-        self.left_for_later = len(extras)
-        self.already = sum(1 for key in self._candidates if key not in busy)
+        listed = read_work(self.folder, self.plan)
+        shares = share_out(
+            basis if listed is None else listed,
+            self.plan.shards,
+            mine=[i for i in sorted(self._locks) if not finished(self.folder, i)],
+            unfinished=set(self.unfinished_shards()),
+            candidates=self._candidates,
+            in_parts=self._in_parts,
+            stored=self.stored_rows | self.stored_failed,
+            update=update,
+            path_of=self._path,
+        )
+        holds_all = len(self._locks) == self.plan.shards
+        if shares.listed != listed and (listed is not None or holds_all):
+            extend_work(self.folder, self.path, self.plan, shares.listed, self.journal.kept())
+        self.work = [ShardWork(i, [self._path(key) for key in keys]) for i, keys in shares.work]
+        self.already, self.left_for_later = shares.already, shares.left_for_later
 
     def _path(self, key: str) -> str:
         """The path to read the image of ``key`` from: as given, where this run was given it."""
@@ -457,16 +444,3 @@ class RunWriter:
                 if lock is not None:
                     lock.close()
             self.close()
-
-
-def _needs_work(path: str, done: Stamp | None, update: bool) -> bool:
-    """Whether the image at ``path`` is new, or, with ``update``, changed since ``done``."""
-    if done is None:
-        return True
-    if not update:
-        return False
-    try:
-        info = os.stat(path)
-    except OSError:
-        return False  # gone: kept unless pruned
-    return Stamp(info.st_size, info.st_mtime_ns) != done
