@@ -226,12 +226,12 @@ def test_show_refuses_other_files_in_one_line(tmp_path):
 
 
 def test_progress_without_a_terminal_says_the_time_left(capsys, monkeypatch):
-    from vggfeat.cli import _ProgressView
     from vggfeat.pipeline import Progress
+    from vggfeat.terminal import ProgressView
 
-    monkeypatch.setattr(_ProgressView, "PLAIN_EVERY", 0.0)  # a line per update
+    monkeypatch.setattr(ProgressView, "PLAIN_EVERY", 0.0)  # a line per update
 
-    with _ProgressView(quiet=False) as view:
+    with ProgressView(quiet=False) as view:
         view.update(Progress(done=0, failed=0, total=1000, elapsed=0.0, already=256))
         view.update(Progress(done=100, failed=2, total=1000, elapsed=20.0))
         view.update(Progress(done=1000, failed=2, total=1000, elapsed=200.0))

@@ -566,9 +566,9 @@ def test_short_writes_are_finished_and_a_write_that_takes_nothing_is_an_error():
 
 
 def test_messages_show_names_without_terminal_codes():
-    from vggfeat.cli import _printable
+    from vggfeat.terminal import printable
 
-    assert _printable("a\x1b[31mb\tc\nd\\e\x9b") == "a\\x1b[31mb\\tc\\nd\\\\e\\x9b"
+    assert printable("a\x1b[31mb\tc\nd\\e\x9b") == "a\\x1b[31mb\\tc\\nd\\\\e\\x9b"
 
 
 def test_extract_refuses_an_output_name_too_long_for_its_work_folder(tmp_path):

@@ -11,14 +11,14 @@ import json
 import os
 import shlex
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from enum import IntEnum
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import click
 
+from vggfeat import terminal
 from vggfeat.architecture import DEPTHS, POOLINGS, TOP_IMAGE_SIZE, Architecture, Catalogue, vgg
 from vggfeat.engine import ENGINES, EngineOptions, engine_options, option_names
 from vggfeat.errors import OptionError, VggfeatError
@@ -29,13 +29,6 @@ from vggfeat.ray_engine import STALL_SECONDS
 from vggfeat.runtime import BACKENDS
 from vggfeat.store import COMMIT_IMAGES, COMPRESSIONS, STORED_DTYPES
 from vggfeat.weights import published_files
-
-if TYPE_CHECKING:
-    from rich.console import Console
-    from rich.progress import Progress as RichProgress
-    from rich.progress import TaskID
-
-    from vggfeat.pipeline import Progress, Summary
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -125,11 +118,6 @@ def _drop_stdout() -> None:
     """The reader went away (| head): nothing is wrong. Python would complain on exit,
     flushing the pipe again, so stdout goes to /dev/null first."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-def _drop_stderr() -> None:
-    """Standard error's reader went away: later messages go to /dev/null."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
 Decorated = Callable[..., Any]
@@ -245,7 +233,7 @@ def _info_facts(architecture: Architecture, catalogue: Catalogue) -> dict[str, A
 def _print_info(architecture: Architecture, catalogue: Catalogue) -> None:
     from rich.table import Table
 
-    console = _console(soft_wrap=True)
+    console = terminal.console(soft_wrap=True)
     size = catalogue.image_size
     table = Table(
         title=f"{architecture.name} at {size}x{size}",
@@ -294,18 +282,6 @@ def _print_info(architecture: Architecture, catalogue: Catalogue) -> None:
             else "missing, downloaded on first use"
         )
         console.print(f"ImageNet weights for {entry['serves']}: {entry['path']} ({state})")
-
-
-def _console(**options: Any) -> Console:
-    """A rich console on which a closed pipe raises ``BrokenPipeError``: rich's own handling
-    exits 1, and the command's handler makes a reader going away (``| head``) a quiet 0."""
-    from rich.console import Console
-
-    class _Console(Console):
-        def on_broken_pipe(self) -> None:
-            raise BrokenPipeError
-
-    return _Console(**options)
 
 
 def _giga(count: int) -> str:
@@ -371,7 +347,7 @@ def show(file: str, list_failed: bool, as_json: bool) -> None:
 
 def _run_line(run: dict[str, Any]) -> str:
     """One run of a file's ``/runs``: when, what it changed, what computed it, how."""
-    changes = [f"{_count(run.get('rows_added', 0), 'row')} added"]
+    changes = [f"{terminal.count(run.get('rows_added', 0), 'row')} added"]
     for key, word in (("rows_replaced", "replaced"), ("rows_dropped", "dropped")):
         if run.get(key):
             changes.append(f"{run[key]:,} {word}")
@@ -493,7 +469,7 @@ def export(
         )
     if not to_stdout:
         click.echo(
-            f"Wrote {output}: {_count(exported.rows, 'row')} of {exported.layer} "
+            f"Wrote {output}: {terminal.count(exported.rows, 'row')} of {exported.layer} "
             f"({shape} {exported.dtype}) as {format_}.",
             err=True,
         )
@@ -731,7 +707,7 @@ def extract(
         )
     except OptionError as error:
         raise _BadOption(str(error)) from error
-    view = _ProgressView(quiet)
+    view = terminal.ProgressView(quiet)
     try:
         with view:
             try:
@@ -755,9 +731,9 @@ def extract(
         sys.exit(stop.exit_code)
     if not quiet:
         try:
-            _print_summary(summary)
+            terminal.print_summary(summary)
         except BrokenPipeError:
-            _drop_stderr()
+            terminal.drop_stderr()
     if strict and summary.failures:
         sys.exit(ExitCode.SOME_FAILED)
 
@@ -786,204 +762,3 @@ def _engine_options(name: str, **flags: Any) -> EngineOptions:
         verb = "works" if len(foreign) == 1 else "work"
         raise OptionError(f"{shown} {verb} with --engine {' or '.join(owners) or 'other'} only")
     return engine_options(name, **{ENGINE_FLAGS[flag]: value for flag, value in given.items()})
-
-
-class _ProgressView:
-    """Progress on stderr: a rich bar on a terminal, a line every few seconds elsewhere."""
-
-    PLAIN_EVERY = 10.0
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.console = _console(stderr=True)
-        self.bar: RichProgress | None = None
-        self.task: TaskID | None = None
-        self.last_line = time.monotonic()  # the first line when there is a rate to show
-
-    def __enter__(self) -> _ProgressView:
-        if not self.quiet and self.console.is_terminal:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[failed]}"),
-                console=self.console,
-            )
-            self.bar.__enter__()
-            self.task = self.bar.add_task("starting", total=None, rate="", failed="")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.pause()
-
-    def pause(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-    def notice(self, line: str) -> None:
-        """Show a line the run says stops nothing (a batch capped, a damaged part set aside)."""
-        if self.quiet:
-            return
-        try:
-            self.console.print(
-                f"Note: {_printable(line)}", highlight=False, markup=False, soft_wrap=True
-            )
-        except BrokenPipeError:
-            _drop_stderr()
-            self.quiet = True
-
-    def update(self, progress: Progress) -> None:
-        """Show ``progress``; a reader of stderr that went away (| head) stops the messages,
-        never the run."""
-        if self.quiet:
-            return
-        try:
-            self._show(progress)
-        except BrokenPipeError:
-            _drop_stderr()
-            self.quiet = True
-
-    def _show(self, progress: Progress) -> None:
-        if progress.done == 0:
-            if progress.already and progress.total:
-                self.console.print(
-                    f"{_count(progress.already, 'image')} already done; {progress.total:,} to do.",
-                    highlight=False,
-                )
-            return
-        rate = progress.done / progress.elapsed if progress.elapsed > 0 else 0.0
-        if self.bar is not None and self.task is not None:
-            self.bar.update(
-                self.task,
-                description="extracting",
-                completed=progress.done,
-                total=progress.total,
-                rate=f"{rate:.1f} images/s",
-                failed=f"{progress.failed} failed" if progress.failed else "",
-            )
-            return
-        now = time.monotonic()
-        if now - self.last_line >= self.PLAIN_EVERY or progress.done == progress.total:
-            self.last_line = now
-            left = (progress.total - progress.done) / rate if rate > 0 else None
-            self.console.print(
-                f"{progress.done:,}/{progress.total:,} images, {rate:.1f} images/s, "
-                f"{progress.failed:,} failed" + (f", {_duration(left)} left" if left else ""),
-                highlight=False,
-            )
-
-
-def _duration(seconds: float) -> str:
-    """``40 s``, ``12 min``, ``3 h 05 min``: as precise as a forecast deserves."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    hours, minutes = divmod(round(seconds / 60), 60)
-    return f"{hours} h {minutes:02d} min"
-
-
-def _printable(text: str) -> str:
-    """``text`` for a message: tab, newline and backslash as in tsv, other control
-    characters (a terminal's escape codes) as ``\\xNN``."""
-    return "".join(
-        f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in tsv_field(text)
-    )
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number:,} {noun}{'' if number == 1 else 's'}"
-
-
-def _print_summary(summary: Summary) -> None:
-    console = _console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
-    for line in [_headline(summary), *_remarks(summary)]:
-        console.print(line)
-    if _nothing_new(summary):
-        return
-    for failure in summary.failures[:5]:
-        # One line, undecodable bytes as \xNN, no control character reaching the terminal.
-        path = failure.path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        console.print(f"  failed: {_printable(path)}: {_printable(failure.reason)}")
-    if len(summary.failures) > 5:
-        console.print(f"  ... and {len(summary.failures) - 5:,} more, listed in /failed.")
-    timings = summary.timings
-    console.print(
-        f"Time: {summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s after start-up "
-        f"(start-up {timings.startup:.1f} s, waiting for images {timings.waiting:.1f} s, "
-        f"network {timings.network:.1f} s, writing {timings.writing:.1f} s)."
-        + (f" File: {summary.file_bytes / 1e6:,.1f} MB." if summary.assembled else "")
-    )
-    if summary.computed_by:
-        console.print(f"Computed by: {summary.computed_by}.")
-
-
-def _nothing_new(summary: Summary) -> bool:
-    changed = summary.stored or summary.replaced or summary.dropped
-    return summary.assembled and not (summary.computed or summary.failures or changed)
-
-
-def _headline(summary: Summary) -> str:
-    """What the run did to the output, in one line."""
-    failed = len(summary.failures)
-    if not summary.assembled:
-        shards = "shard" if len(summary.waiting_for) == 1 else "shards"
-        return (
-            f"Shard {summary.shard} done: {_count(summary.computed, 'image')} computed, "
-            f"{failed:,} failed, {summary.already:,} done before. Waiting for {shards} "
-            f"{', '.join(map(str, summary.waiting_for))}; "
-            f"the last to finish writes {summary.output}."
-        )
-    if _nothing_new(summary):
-        every = "the 1 image is" if summary.already == 1 else f"all {summary.already:,} images are"
-        return f"Nothing new: {every} already in {summary.output} ({_count(summary.rows, 'row')})."
-    changes = [_count(summary.stored, "new row")]
-    if summary.replaced:
-        changes.append(f"{summary.replaced:,} replaced")
-    if summary.dropped:
-        changes.append(f"{summary.dropped:,} dropped")
-    return (
-        f"Wrote {summary.output}: {', '.join(changes)}, {_count(summary.rows, 'row')} in all. "
-        f"This run: {_count(summary.computed, 'image')} computed, {failed:,} failed, "
-        f"{summary.already:,} already done."
-    )
-
-
-def _remarks(summary: Summary) -> list[str]:
-    """What else the user should know about the output and how the run went."""
-    remarks = []
-    if summary.missing:
-        names = (
-            "names a file that no longer exists"
-            if summary.missing == 1
-            else ("name files that no longer exist")
-        )
-        remarks.append(f"{_count(summary.missing, 'row')} of {summary.output} {names}; "
-                       "--prune drops them.")  # fmt: skip
-    if summary.left_for_later:
-        remarks.append(
-            f"{_count(summary.left_for_later, 'image')} found that the unfinished run did not "
-            "list when it started; run the same command again once it is written to add them."
-        )
-    if summary.engine == "ray" and summary.rows_per_node:
-        remarks.append(
-            "Images per node: "
-            + ", ".join(f"{node} {count:,}" for node, count in summary.rows_per_node.items())
-        )
-    if summary.batch_size < summary.requested_batch_size:
-        remarks.append(
-            f"Ran out of memory: the batch size was lowered to {summary.batch_size}; "
-            f"pass --batch-size {summary.batch_size} next time."
-        )
-    return remarks
