@@ -102,7 +102,7 @@ def test_a_local_instance_writes_the_local_engines_file(
     # writing is not waiting for the cluster, and must not stop the run.
     watchdogs: list = []
 
-    class Recorded(ray_engine._Watchdog):
+    class Recorded(ray_engine.Watchdog):
         def __init__(self, limit: float) -> None:
             super().__init__(limit)
             watchdogs.append(self)
@@ -117,7 +117,7 @@ def test_a_local_instance_writes_the_local_engines_file(
             running.limit = STALL
         savez(file, **arrays)
 
-    monkeypatch.setattr(ray_engine, "_Watchdog", Recorded)
+    monkeypatch.setattr(ray_engine, "Watchdog", Recorded)
     monkeypatch.setattr("vggfeat.store.journal.np.savez", slow_first_commit)
     output = tmp_path / "ray.h5"
     engine = RayOptions(stall_timeout=STALL)
