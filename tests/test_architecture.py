@@ -102,3 +102,27 @@ def test_classifier_layers_need_224():
 def test_unknown_depth():
     with pytest.raises(UnknownLayerError, match="VGG15"):
         vgg(15)
+
+
+@pytest.mark.parametrize("cut", ["conv1_1", "pool1", "conv3_3", "fc7"])
+def test_what_one_image_may_take_is_counted_from_keras_own_shapes(cut):
+    """Activations: at the largest layer, its input and output together, plus the outputs
+    kept for the cut, float32; workspace: the widest convolution's input as 3x3 patches."""
+    model = keras.applications.VGG16(weights=None)
+    architecture = vgg(16)
+    layer = architecture.layer(cut)
+    names = [entry.name for entry in model.layers]
+    upto = model.layers[1 : names.index(layer.name) + 1]
+    sizes = [4 * int(np.prod(entry.output.shape[1:])) for entry in upto]
+    pixels = 224 * 224 * 3
+    inputs = [4 * pixels, *sizes[:-1]]
+    live = [pixels + i + o for i, o in zip(inputs, sizes, strict=True)]  # uint8 pixels kept
+    patches = [
+        4 * 9 * int(np.prod(entry.input.shape[1:]))
+        for entry in upto
+        if isinstance(entry, keras.layers.Conv2D)
+    ]
+    catalogue = architecture.catalogue(224)
+    assert catalogue.activation_bytes([layer]) == max(live)
+    assert catalogue.workspace_bytes([layer]) == max(patches)
+    assert catalogue.image_bytes([layer]) == max(live) + max(patches)

@@ -126,6 +126,7 @@ def test_help_and_argument_errors_do_not_import_tensorflow(tmp_path):
         ["extract", image, "--device", "tpu"],
         ["extract", image, "--batch-size", "many"],
         ["extract", image, "--engine", "ray", "--stall-timeout", "0"],
+        ["extract", image, "--seed", "-1"],
     ]
     probe = (
         "import sys, json\n"
@@ -144,7 +145,7 @@ def test_help_and_argument_errors_do_not_import_tensorflow(tmp_path):
     *answers, loaded = result.stdout.splitlines()
     assert loaded == "none"
     codes = [json.loads(answer)[0] for answer in answers]
-    assert codes == [0, 0, 2, 0, 0, 1, 2, 2, 1, 1, 2, 2, 2, 2]
+    assert codes == [0, 0, 2, 0, 0, 1, 2, 2, 1, 1, 2, 2, 2, 2, 2]
     errors = [json.loads(answer)[1][0] for answer in answers[5:]]
     assert "missing does not exist" in errors[0]
     assert "VGG16 has no layer 'fc9'" in errors[1]
@@ -155,6 +156,7 @@ def test_help_and_argument_errors_do_not_import_tensorflow(tmp_path):
     assert errors[6] == "Error: --device tpu is not cpu, gpu or gpu:N"
     assert "'many' is not a number of images (1 or more) or auto" in errors[7]
     assert errors[8] == "Error: --stall-timeout must be a number of seconds more than 0"
+    assert errors[9] == "Error: --seed must be from 0 to 4,294,967,295, not -1"
 
 
 def test_a_closed_pipe_ends_quietly_with_exit_0():

@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import pty
+import re
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from PIL import Image
 import vggfeat
 from vggfeat import network as network_module
 from vggfeat.cli import ExitCode, cli
-from vggfeat.errors import VggfeatError
+from vggfeat.errors import OptionError, VggfeatError
 from vggfeat.pipeline import Interrupted, Progress, extract
 from vggfeat.store import RunWriter
 
@@ -768,3 +770,94 @@ def test_an_unfinished_run_takes_in_images_added_since_it_started(tmp_path):
     finished = extract([tmp_path / "photos"], output, **OPTIONS)
     assert (finished.already, finished.computed, finished.rows) == (2, 4, 6)
     assert vggfeat.load(output).paths == [f"photos/img{i:03d}.png" for i in range(6)]
+
+
+def test_names_that_are_not_utf8_on_the_command_line_reach_the_file(tmp_path):
+    make_images(tmp_path / "photos", 1)
+    folder = os.path.join(os.fsencode(tmp_path), b"out\xff")
+    os.mkdir(folder)
+    image = os.path.join(os.fsencode(tmp_path), b"caf\xe9.png")
+    with open(image, "wb") as file:
+        Image.new("RGB", (32, 32), (9, 90, 9)).save(file, format="PNG")
+    output = os.fsdecode(os.path.join(folder, b"f.h5"))
+    command = ["vggfeat", "extract", os.fsdecode(image), "-o", output]  # as a shell passes it
+    summary = extract([os.fsdecode(image)], output, **OPTIONS, command=shlex.join(command))
+    assert (summary.computed, summary.rows) == (1, 1)
+    loaded = vggfeat.load(output)
+    assert loaded.paths == [f"{tmp_path}/caf\\xe9.png"]
+    with h5py.File(output) as file:  # every reader sees valid UTF-8
+        assert "caf\\xe9.png" in file.attrs["command"] and "out\\xff" in file.attrs["command"]
+        assert "caf\\xe9.png" in json.loads(file["runs"].asstr()[0])["command"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"shard": "0/2"}, "--shard 0/2 is not K/N"),
+        ({"engine": "spark"}, "--engine spark is not one of local, ray"),
+        ({"seed": -1}, "--seed must be from 0 to 4,294,967,295, not -1"),
+        ({"seed": 10**20}, "--seed must be from 0"),
+        ({"batch_size": "8"}, "--batch-size '8' is not a whole number"),
+        ({"layers": ("pool1", "block1_pool")}, "are the same layer"),
+    ],
+)
+def test_options_refuse_what_cannot_work_when_made(tmp_path, values, message):
+    with pytest.raises(OptionError, match=re.escape(message)):
+        vggfeat.ExtractOptions((str(tmp_path),), str(tmp_path / "f.h5"), **{**OPTIONS, **values})
+    assert not list(tmp_path.iterdir())
+
+
+def test_options_take_the_spellings_the_command_line_takes(tmp_path):
+    options = vggfeat.ExtractOptions(
+        tmp_path, tmp_path / "f.h5", layers="POOL1", batch_size="auto", shard="2/3", engine="local"
+    )
+    assert (options.inputs, options.layers, options.batch_size) == (
+        (str(tmp_path),),
+        ("pool1",),
+        None,
+    )
+    assert (options.shard.index, options.shard.count, options.engine.name) == (2, 3, "local")
+
+
+def test_a_shard_with_nothing_to_do_leaves_no_unfinished_run(tmp_path):
+    make_images(tmp_path / "photos", 3)
+    output = tmp_path / "f.h5"
+    extract([tmp_path / "photos"], output, **OPTIONS)
+    idle = extract([tmp_path / "photos"], output, **OPTIONS, shard="2/3")
+    assert (idle.assembled, idle.computed, idle.already, idle.rows) == (True, 0, 3, 3)
+    assert not output.with_name("f.h5.parts").exists()
+    make_images(tmp_path / "photos", 1, seed=5, start=3)
+    # Another split is free to start: of the one new image, shard 1/2's share is empty.
+    first = extract([tmp_path / "photos"], output, **OPTIONS, shard="1/2")
+    assert (first.computed, first.assembled, first.waiting_for) == (0, False, (2,))
+    last = extract([tmp_path / "photos"], output, **OPTIONS, shard="2/2")
+    assert (last.computed, last.stored, last.rows) == (1, 1, 4)
+
+
+def test_a_part_of_another_run_is_refused_not_merged(tmp_path):
+    make_images(tmp_path / "photos", 6)
+    stop_after(2, tmp_path / "photos", tmp_path / "other.h5", seed=1)
+    output = tmp_path / "f.h5"
+    stop_after(2, tmp_path / "photos", output)
+    stray = output.with_name("f.h5.parts") / "part-0001-000050.npz"
+    stray.write_bytes((tmp_path / "other.h5.parts" / parts(tmp_path / "other.h5")[0]).read_bytes())
+    notices: list[str] = []
+    extract([tmp_path / "photos"], output, **OPTIONS, on_notice=notices.append)
+    assert [n for n in notices if "belongs to another run" in n and str(stray) in n]
+    extract([tmp_path / "photos"], tmp_path / "clean.h5", **OPTIONS)
+    got, clean = vggfeat.load(output), vggfeat.load(tmp_path / "clean.h5")
+    assert got.paths == clean.paths
+    np.testing.assert_allclose(got.features["pool1"], clean.features["pool1"], rtol=1e-5)
+
+
+def test_files_of_someone_else_in_the_parts_folder_are_left_and_named(tmp_path):
+    make_images(tmp_path / "photos", 4)
+    output = tmp_path / "f.h5"
+    stop_after(2, tmp_path / "photos", output)
+    folder = output.with_name("f.h5.parts")
+    (folder / "notes.txt").write_text("mine")
+    notices: list[str] = []
+    extract([tmp_path / "photos"], output, **OPTIONS, on_notice=notices.append)
+    assert os.listdir(folder) == ["notes.txt"] and (folder / "notes.txt").read_text() == "mine"
+    assert notices == [f"{folder} holds files vggfeat did not write (notes.txt); they are left "
+                       "as they are, and the folder with them"]  # fmt: skip

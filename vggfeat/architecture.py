@@ -136,6 +136,25 @@ class Catalogue:
             previous = output
         return peak
 
+    def workspace_bytes(self, cuts: Sequence[Layer]) -> int:
+        """Bytes one image may need besides its activations, at the widest convolution up to
+        the deepest of ``cuts``: its input unfolded into 3x3 patches (im2col), float32, which
+        a CPU backend may make whole for a large batch (TensorFlow asked for 35 GB for 300
+        images at 224x224, exactly 300 of conv1_2's)."""
+        deepest = max(self.layers.index(self.facts(layer)) for layer in cuts)
+        largest = 0
+        previous: tuple[int, ...] = (self.image_size, self.image_size, 3)
+        for facts in self.layers[: deepest + 1]:
+            if facts.layer.kind == "conv":
+                height, width, channels = previous
+                largest = max(largest, height * width * 9 * channels * 4)
+            previous = facts.output_shape
+        return largest
+
+    def image_bytes(self, cuts: Sequence[Layer]) -> int:
+        """Bytes one image of a batch may take at the peak of a forward pass to ``cuts``."""
+        return self.activation_bytes(cuts) + self.workspace_bytes(cuts)
+
     def facts(self, layer: Layer) -> LayerFacts:
         for facts in self.layers:
             if facts.layer == layer:

@@ -63,9 +63,9 @@ class Job:
         return [cut.feature_shape(catalogue, self.pool) for cut in self.cuts()]
 
     def image_bytes(self) -> int:
-        """Bytes of activations one image takes in the network at its peak."""
+        """Bytes one image may take in the network at its peak (``Catalogue.image_bytes``)."""
         catalogue = vgg(self.depth).catalogue(self.image_size)
-        return catalogue.activation_bytes([cut.layer for cut in self.cuts()])
+        return catalogue.image_bytes([cut.layer for cut in self.cuts()])
 
     def decode(self, path: str) -> Decoded | Failure:
         return decode_image(path, self.image_size, self.resize, self.max_pixels)  # type: ignore[arg-type]

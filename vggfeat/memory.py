@@ -1,10 +1,12 @@
 """How many images a network call may take: what a batch costs, and what memory there is.
 
-The catalogue knows the bytes of activations one image needs at the peak of a
-forward pass. Memory is what the machine, and any control group the process
-runs in (a container, a SLURM job, systemd), still lets it have; a batch that
-would not fit is capped before the first image is computed, never left to end
-in ``std::bad_alloc`` or the kernel's OOM killer.
+The catalogue knows the bytes one image may need at the peak of a forward
+pass: its activations, and the widest convolution's input unfolded into
+patches, which a CPU backend makes whole for a large batch. Memory is what the
+machine, and any control group the process runs in (a container, a SLURM job,
+systemd), still lets it have; a batch that would not fit is capped before the
+first image is computed, never left to end in ``std::bad_alloc`` or the
+kernel's OOM killer.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def choose_batch(
 ) -> BatchChoice:
     """The largest batch up to ``requested`` (or the fast default) whose activations fit.
 
-    ``image_bytes`` is what one image needs (``Catalogue.activation_bytes``),
+    ``image_bytes`` is what one image may need (``Catalogue.image_bytes``),
     ``free`` the memory there is now, None where unknown, and ``most`` the
     images the run has (a short run needs no longer batch).
     """

@@ -67,10 +67,19 @@ class ExtractOptions:
 
     def __post_init__(self) -> None:
         self._normalize(
+            inputs=_paths(self.inputs),
+            output=os.fspath(self.output),
+            weights=os.fspath(self.weights),
+            files_from=_lines(self.files_from),
             layers=_canonical(vgg(self.depth), self.layers),
             backend=(self.backend or default_backend()).strip().lower(),
             device=_device(self.device),
+            batch_size=None if self.batch_size == "auto" else self.batch_size,
+            shard=_shard(self.shard),
+            engine=engine_options(self.engine) if isinstance(self.engine, str) else self.engine,
         )
+        if not isinstance(self.engine, EngineOptions):
+            raise OptionError(f"engine {self.engine!r} is not an engine's name or options")
         for option, value, allowed in (
             ("pool", self.pool, POOLINGS),
             ("resize", self.resize, RESIZE_MODES),
@@ -81,14 +90,14 @@ class ExtractOptions:
         ):
             if value not in allowed:
                 raise OptionError(f"--{option} {value} is not one of {', '.join(allowed)}")
-        for option, number in (
-            ("--batch-size", self.batch_size),
-            ("--commit-every", self.commit_every),
-            ("--workers", self.workers),
-            ("--max-pixels", self.max_pixels),
+        for option, number, least, most in (
+            ("--batch-size", self.batch_size, 1, None),
+            ("--commit-every", self.commit_every, 1, None),
+            ("--workers", self.workers, 1, None),
+            ("--max-pixels", self.max_pixels, 1, None),
+            ("--seed", self.seed, 0, SEEDS - 1),
         ):
-            if number is not None and number < 1:
-                raise OptionError(f"{option} must be at least 1, not {number}")
+            _check_number(option, number, least, most)
         vgg(self.depth).check_image_size([cut.layer for cut in self.cuts()], self.image_size)
         _check_output_name(self.output)
 
@@ -103,26 +112,16 @@ class ExtractOptions:
         output: str | os.PathLike[str] = "features.h5",
         **options: Any,
     ) -> ExtractOptions:
-        """Options from looser values, as ``vggfeat.extract`` takes them: paths as
-        ``Path``s, ``files_from`` as an open file, ``shard`` as ``"K/N"``, ``engine`` as a
-        name, ``layers`` as one name."""
+        """Options from ``vggfeat.extract``'s arguments; an unknown keyword is a ``TypeError``,
+        as in any call. (The object itself takes looser values too: paths as ``Path``s,
+        ``files_from`` as an open file, ``shard`` as ``"K/N"``, ``engine`` as a name,
+        ``layers`` as one name, ``batch_size`` as ``"auto"``.)"""
         unknown = sorted(set(options) - {option.name for option in fields(cls)})
         if unknown:
             raise TypeError(f"extract() got unexpected keyword arguments: {', '.join(unknown)}")
-        loose = {
-            "weights": lambda value: os.fspath(value),
-            "files_from": _lines,
-            "layers": lambda value: (value,) if isinstance(value, str) else tuple(value),
-            "shard": lambda value: Shard.parse(value) if isinstance(value, str) else value,
-            "engine": lambda value: engine_options(value) if isinstance(value, str) else value,
-        }
-        for name, convert in loose.items():
-            if name in options:
-                options[name] = convert(options[name])
         if options.get("backend") is None:
             options.pop("backend", None)
-        paths = tuple(os.fspath(path) for path in inputs)
-        return cls(inputs=paths, output=os.fspath(output), **options)
+        return cls(inputs=tuple(inputs), output=output, **options)  # type: ignore[arg-type]
 
     @property
     def architecture(self) -> Architecture:
@@ -191,6 +190,38 @@ class ExtractOptions:
         )
 
 
+#: Seeds ``--weights random`` takes: what NumPy's generators and an HDF5 attribute hold.
+SEEDS = 2**32
+
+
+def _paths(paths: Any) -> tuple[str, ...]:
+    if isinstance(paths, str | os.PathLike):
+        return (os.fspath(paths),)
+    return tuple(os.fspath(path) for path in paths)
+
+
+def _shard(shard: Any) -> Shard | None:
+    """A ``Shard`` checked, from one or from ``"K/N"``."""
+    if shard is None:
+        return None
+    if isinstance(shard, str):
+        return Shard.parse(shard)
+    if not isinstance(shard, Shard):
+        raise OptionError(f"--shard {shard!r} is not K/N")
+    return Shard.parse(str(shard))
+
+
+def _check_number(option: str, number: Any, least: int, most: int | None) -> None:
+    """Refuse a value that is not a whole number from ``least`` to ``most``."""
+    if number is None:
+        return
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise OptionError(f"{option} {number!r} is not a whole number")
+    if number < least or (most is not None and number > most):
+        bounds = f"at least {least}" if most is None else f"from {least} to {most:,}"
+        raise OptionError(f"{option} must be {bounds}, not {number}")
+
+
 def _lines(source: Iterable[str]) -> tuple[str, ...]:
     """``--files-from``'s lines, read once (standard input cannot be read twice)."""
     if isinstance(source, str):
@@ -200,6 +231,8 @@ def _lines(source: Iterable[str]) -> tuple[str, ...]:
 
 def _canonical(architecture: Architecture, names: Sequence[str]) -> tuple[str, ...]:
     """Each layer's canonical name, once: another spelling of a layer given is refused."""
+    if isinstance(names, str):
+        names = (names,)
     if not names:
         raise OptionError("name at least one --layer")
     chosen: dict[str, str] = {}

@@ -343,7 +343,9 @@ class _Run:
 
     def _finish(self, engine: Engine, writer: RunWriter, pruned: set[str]) -> Summary:
         written = time.perf_counter()
+        said = len(writer.notices)
         assembly = writer.assemble(prune=pruned)
+        self._notice(*writer.notices[said:])
         self.writing += time.perf_counter() - written
         missing = writer.missing_rows() if assembly is not None and not pruned else 0
         writer.close()

@@ -63,6 +63,15 @@ STRING_CHUNK_ROWS = 4096
 COPY_BYTES = 64 << 20
 
 
+def storable(text: str) -> str:
+    """``text`` as HDF5's UTF-8 can hold it: a byte that is not UTF-8 (a surrogate, as
+    Python reads such a byte of a file name or an argument) written ``\\xNN``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no byte made
+        return text.encode("utf-8", "backslashreplace").decode()
+
+
 def path_width(longest: int) -> int:
     """The width /paths needs for a path of ``longest`` UTF-8 bytes."""
     for width in PATH_WIDTHS:
@@ -90,7 +99,7 @@ def create(path: os.PathLike | str, layout: Layout, width: int) -> None:
         file.attrs["format_version"] = FORMAT_VERSION
         file.attrs["settings"] = json.dumps(asdict(layout.settings))
         for key, value in {**asdict(layout.settings), **layout.attributes}.items():
-            file.attrs[key] = value
+            file.attrs[key] = storable(value) if isinstance(value, str) else value
         file.create_dataset(
             "paths", (0,), text, maxshape=(None,), chunks=(STRING_CHUNK_ROWS,), **strings
         )
@@ -199,6 +208,7 @@ class Appender:
 
 def run_entry(record: dict[str, Any]) -> bytes:
     """A run's record as a ``/runs`` entry: JSON that fits, a long command shortened."""
+    record = {key: storable(v) if isinstance(v, str) else v for key, v in record.items()}
     entry = json.dumps(record, ensure_ascii=False).encode()
     command = str(record.get("command", ""))
     if len(entry) > RUN_WIDTH:
@@ -247,11 +257,12 @@ def _truncate(dataset: H5Dataset, count: int) -> None:
 
 
 def _encoded(values: Sequence[str]) -> list[bytes]:
-    return [value.encode() for value in values]
+    return [storable(value).encode() for value in values]
 
 
 def _fit(text: str, width: int) -> str:
     """``text`` cut to ``width`` UTF-8 bytes, on a character boundary."""
+    text = storable(text)
     data = text.encode()
     if len(data) <= width:
         return text

@@ -64,12 +64,15 @@ def shard_of(part: Path) -> int:
 
 
 class Journal:
-    """The parts of one run in ``folder``, for the output ``output`` laid out as ``layout``."""
+    """The parts of the run ``run`` (its plan's id) in ``folder``, for the output ``output``
+    laid out as ``layout``. Each part carries the run's id: a part of another run is
+    refused as damaged, never merged."""
 
-    def __init__(self, folder: Path, output: Path, layout: Layout) -> None:
+    def __init__(self, folder: Path, output: Path, layout: Layout, run: str) -> None:
         self.folder = folder
         self.output = output
         self.layout = layout
+        self.run = run
 
     def parts(self) -> list[Path]:
         """Every committed part, in the order of shards and commits."""
@@ -85,7 +88,7 @@ class Journal:
 
     def write(self, shard: int, rows: Rows) -> Path:
         """Commit ``rows`` as shard ``shard``'s next part: whole, or not at all."""
-        arrays = _arrays(rows, self.layout)
+        arrays = {**_arrays(rows, self.layout), "run": np.array(self.run)}
         need = sum(array.nbytes for array in arrays.values()) + RESERVE_BYTES
         kept = self.kept()
         require_space(self.folder, need, "commit the latest images", self.output, kept)
@@ -95,13 +98,6 @@ class Journal:
         members: dict[str, Any] = arrays
         write_atomically(part, lambda file: np.savez(file, **members), self.output, kept)
         return part
-
-    def clean_after(self, shard: int) -> None:
-        """Remove what a killed writer of ``shard`` left half-written: its temporary files."""
-        for leftover in self.folder.glob("*.tmp"):
-            found = _TEMPORARY.fullmatch(leftover.name)
-            if found and int(found[1] or found[2]) == shard:
-                leftover.unlink(missing_ok=True)
 
     def set_aside(self, part: Path) -> Path:
         """Rename a damaged part out of the journal, where a person can still look at it."""
@@ -121,7 +117,11 @@ class Journal:
         with _part_errors(part):
             if not stat.S_ISREG(os.stat(part).st_mode):  # a FIFO would never answer
                 raise ValueError("not a regular file")
-            with np.load(part, allow_pickle=False) as data:
+            # Opened here, so that a file np.load cannot read is closed all the same.
+            with part.open("rb") as handle, np.load(handle, allow_pickle=False) as data:
+                # Parts of vggfeat 0.1 carry no run's id.
+                if "run" in data.files and str(data["run"]) != self.run:
+                    raise ValueError(f"it belongs to another run ({data['run']}), not this one")
                 shapes = [_shape(data, f"features_{i}") for i in range(len(self.layout.layers))]
                 rows = Rows(
                     paths=data["paths"].tolist(),
@@ -140,7 +140,11 @@ class Journal:
 
     def column(self, part: Path, index: int, rows: np.ndarray) -> np.ndarray:
         """Layer ``index``'s values for the given rows of ``part``."""
-        with _part_errors(part), np.load(part, allow_pickle=False) as data:
+        with (
+            _part_errors(part),
+            part.open("rb") as handle,
+            np.load(handle, allow_pickle=False) as data,
+        ):
             return data[f"features_{index}"][rows]
 
     def done(self) -> Iterator[tuple[Path, Rows | PartDamaged]]:
@@ -150,6 +154,14 @@ class Journal:
                 yield part, self.read(part)
             except PartDamaged as damage:
                 yield part, damage
+
+
+def remove_leftovers(folder: Path, shard: int) -> None:
+    """Remove what a killed writer of ``shard`` left half-written: its temporary files."""
+    for leftover in folder.glob("*.tmp"):
+        found = _TEMPORARY.fullmatch(leftover.name)
+        if found and int(found[1] or found[2]) == shard:
+            leftover.unlink(missing_ok=True)
 
 
 def stamps_of(rows: Rows) -> dict[str, Stamp]:
@@ -230,4 +242,7 @@ def _part_errors(part: Path) -> Iterator[None]:
         TypeError,
         zipfile.BadZipFile,
     ) as error:
-        raise PartDamaged(part, str(error) or type(error).__name__) from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if "pickle" in reason:  # numpy's advice to load it unsafely is not for this file
+            reason = "it holds pickled Python objects, which vggfeat never writes"
+        raise PartDamaged(part, reason or type(error).__name__) from None

@@ -15,6 +15,7 @@ Every check that can refuse a command runs here before anything on disk changes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -290,14 +291,17 @@ def check_unfinished(
     if differences:
         return  # --overwrite starts again
     if earlier.overwrite != overwrite:
+        keep = f" and keep {path} as it is" if path.exists() else ""
+        abandon = f"or, once no process runs it, delete {folder} to abandon it"
         if earlier.overwrite:
             raise OutputError(
                 f"output {path} has an unfinished --overwrite run in {folder}; add --overwrite "
-                f"to finish it, or delete {folder} to abandon it and keep {path} as it is"
+                f"to finish it, {abandon}{keep}"
             )
+        what = "that adds to it" if path.exists() else "(without --overwrite) that writes it"
         raise OutputError(
-            f"output {path} has an unfinished run that adds to it in {folder}; run without "
-            f"--overwrite to finish it, or delete {folder} to abandon it first"
+            f"output {path} has an unfinished run {what} in {folder}; run without "
+            f"--overwrite to finish it, {abandon}"
         )
     if shard_count is not None and shard_count != earlier.shards:
         raise OutputError(
@@ -366,6 +370,26 @@ def shard_records(folder: Path) -> list[dict[str, Any]]:
             ) from None
         found.append(learnt)
     return found
+
+
+#: The files a run keeps in its parts folder; nothing else there is vggfeat's.
+OWN_FILES = (
+    "part-*.npz", "part-*.npz.damaged", "*.tmp", "run.json", "run.json.*.claim", "work-*.json",
+    "shard-*.json", "shard-*.lock", "assemble.lock", "assembling.h5",
+)  # fmt: skip
+
+
+def remove_folder(folder: Path) -> list[str]:
+    """Remove a finished run's parts folder: the files vggfeat wrote there, then the folder,
+    unless it holds others (someone's own); those it names and leaves as they are."""
+    for pattern in OWN_FILES:
+        for own in folder.glob(pattern):
+            own.unlink(missing_ok=True)
+    others = sorted(entry.name for entry in folder.iterdir()) if folder.exists() else []
+    if not others:
+        with contextlib.suppress(FileNotFoundError):
+            folder.rmdir()
+    return others
 
 
 def clear(folder: Path) -> None:

@@ -130,7 +130,7 @@ class FeatureFile:
         # Parts are listed before the file is read: a run appending a part to the file
         # deletes the part after, so every row is then in one or the other (or both,
         # and read once). Listed after, a part appended in between would be missed.
-        journal = Journal(parts_folder(path), path, plan.layout) if plan else None
+        journal = Journal(parts_folder(path), path, plan.layout, plan.id) if plan else None
         listed = journal.parts() if journal else []
         if path.exists():
             self.attributes = read_attributes(path)

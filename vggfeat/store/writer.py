@@ -13,7 +13,6 @@ moment at which a part could hold paths without their features.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from vggfeat.store.journal import (
     COMMIT_SECONDS,
     Journal,
     PartDamaged,
+    remove_leftovers,
     shard_of,
     stamps_of,
 )
@@ -55,6 +55,7 @@ from vggfeat.store.plan import (
     read_plan,
     read_work,
     record_finished,
+    remove_folder,
     share_out,
     stored_settings,
     unfinish,
@@ -108,7 +109,7 @@ class RunWriter:
         self.folder = parts_folder(path)
         self.plan = plan
         self.identity = identity
-        self.journal = Journal(self.folder, path, plan.layout)
+        self.journal = Journal(self.folder, path, plan.layout, plan.id)
         self.stored_rows, self.stored_failed = stored
         self.notices: list[str] = []
         """Things a person should know that stop nothing (a damaged part set aside, say)."""
@@ -199,9 +200,8 @@ class RunWriter:
         """The run planned: its record claimed (or joined), damaged parts set aside, and
         this process's shares of the work."""
         folder = parts_folder(path)
-        journal = Journal(folder, path, layout)
         for index in locks:
-            journal.clean_after(index)
+            remove_leftovers(folder, index)
         rebuilt = overwrite and not (earlier and assembled_by(path, earlier))
         empty: dict[str, Stamp] = {}
         stored = (empty, empty) if rebuilt or not path.exists() else stored_stamps(path)
@@ -247,7 +247,8 @@ class RunWriter:
                 if borrowed is not None:
                     borrowed.close()
             self.notices.append(f"{read.part} is damaged ({read.reason}); set aside as "
-                                f"{aside.name}, its images are computed again")  # fmt: skip
+                                f"{aside.name} until the output is written, its images are "
+                                "computed again")  # fmt: skip
 
     def _share_out(self, update: bool, basis: list[str]) -> None:
         """This process's shares of the run's list of images, and how many are done.
@@ -271,6 +272,22 @@ class RunWriter:
             extend_work(self.folder, self.path, self.plan, shares.listed, self.journal.kept())
         self.work = [ShardWork(i, [self._path(key) for key in keys]) for i, keys in shares.work]
         self.already, self.left_for_later = shares.already, shares.left_for_later
+        if not shares.listed and not self._in_parts:
+            self._finish_idle_shards()
+
+    def _finish_idle_shards(self) -> None:
+        """A run with nothing to do for any shard: the other shards are done as well (unless
+        a process of theirs runs, which finishes them itself), so that no empty run stays
+        unfinished and keeps another run of this output from starting."""
+        for index in self.unfinished_shards():
+            if index in self._locks:
+                continue  # this process finishes it
+            lock = Lock.take(self.folder / f"shard-{index:04d}.lock")
+            if lock is not None:
+                try:
+                    record_finished(self.folder, index, {}, self.path, self.journal.kept())
+                finally:
+                    lock.close()
 
     def _path(self, key: str) -> str:
         """The path to read the image of ``key`` from: as given, where this run was given it."""
@@ -422,8 +439,17 @@ class RunWriter:
                 ) from None
         finally:
             lock.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self._remove_folder()
         return result
+
+    def _remove_folder(self) -> None:
+        others = remove_folder(self.folder)
+        if others:
+            more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+            self.notices.append(
+                f"{self.folder} holds files vggfeat did not write ({', '.join(others[:3])}"
+                f"{more}); they are left as they are, and the folder with them"
+            )
 
     def close(self) -> None:
         """Release the locks; committed parts stay for the next run to continue from."""
@@ -438,7 +464,7 @@ class RunWriter:
         try:
             idle = all(lock is not None for lock in held)
             if idle and not self.journal.parts() and not any(self.folder.glob("shard-*.json")):
-                shutil.rmtree(self.folder, ignore_errors=True)
+                self._remove_folder()
         finally:
             for lock in held:
                 if lock is not None:
