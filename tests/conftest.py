@@ -97,17 +97,25 @@ def keras_home(tmp_path, monkeypatch):
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def descendants(root: int) -> dict[int, str]:
-    """Every running process descended from ``root`` (zombies left out), with its command."""
-    parents: dict[int, int] = {}
+def processes() -> dict[int, tuple[bytes, int]]:
+    """Every process on the machine: its state (``b"Z"`` a zombie) and its parent's PID."""
+    table = {}
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/stat", "rb") as stat:
                 fields = stat.read().rsplit(b")", 1)[1].split()
         except (OSError, ValueError):
             continue
-        if entry.isdigit() and fields[0] not in (b"Z", b"X"):
-            parents[int(entry)] = int(fields[1])
+        if entry.isdigit():
+            table[int(entry)] = (fields[0], int(fields[1]))
+    return table
+
+
+def descendants(root: int) -> dict[int, str]:
+    """Every running process descended from ``root`` (zombies left out), with its command."""
+    parents = {
+        pid: parent for pid, (state, parent) in processes().items() if state not in (b"Z", b"X")
+    }
     found: dict[int, str] = {}
     waiting = [root]
     while waiting:
@@ -154,13 +162,5 @@ def adopted():
 def adopted_zombies() -> list[int]:
     """Children of this process that have ended and wait to be taken away: the orphans it
     adopted (its own subprocesses are waited for by the tests that started them)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except (OSError, ValueError):
-            continue
-        if entry.isdigit() and fields[0] == b"Z" and int(fields[1]) == os.getpid():
-            found.append(int(entry))
-    return found
+    me = os.getpid()
+    return [pid for pid, (state, parent) in processes().items() if (state, parent) == (b"Z", me)]

@@ -569,6 +569,8 @@ def test_messages_show_names_without_terminal_codes():
     from vggfeat.terminal import printable
 
     assert printable("a\x1b[31mb\tc\nd\\e\x9b") == "a\\x1b[31mb\\tc\\nd\\\\e\\x9b"
+    # A byte of a name that is not UTF-8, as Python reads it, is shown as the byte it is.
+    assert printable(os.fsdecode(b"out \xe9\ndir")) == "out \\xe9\\ndir"
 
 
 def test_extract_refuses_an_output_name_too_long_for_its_work_folder(tmp_path):

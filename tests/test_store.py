@@ -14,6 +14,7 @@ import pty
 import re
 import select
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +34,8 @@ from vggfeat.cli import ExitCode, cli
 from vggfeat.errors import OptionError, VggfeatError
 from vggfeat.pipeline import Interrupted, Progress, extract
 from vggfeat.store import RunWriter
+from vggfeat.store import journal as store_journal
+from vggfeat.store import writer as store_writer
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONS = {"layers": ["pool1"], "pool": "avg", "image_size": 32, "weights": "random"}
@@ -856,8 +859,128 @@ def test_files_of_someone_else_in_the_parts_folder_are_left_and_named(tmp_path):
     stop_after(2, tmp_path / "photos", output)
     folder = output.with_name("f.h5.parts")
     (folder / "notes.txt").write_text("mine")
+    (folder / "part-0001-000011.npz.tmp").write_text("mine too")  # not a name vggfeat writes
     notices: list[str] = []
     extract([tmp_path / "photos"], output, **OPTIONS, on_notice=notices.append)
-    assert os.listdir(folder) == ["notes.txt"] and (folder / "notes.txt").read_text() == "mine"
-    assert notices == [f"{folder} holds files vggfeat did not write (notes.txt); they are left "
-                       "as they are, and the folder with them"]  # fmt: skip
+    assert sorted(os.listdir(folder)) == ["notes.txt", "part-0001-000011.npz.tmp"]
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert notices == [f"{folder} holds files vggfeat did not write (notes.txt, "
+                       "part-0001-000011.npz.tmp); they are left as they are, and the folder "
+                       "with them"]  # fmt: skip
+
+
+def test_a_folder_where_a_part_was_is_set_aside_and_left_when_the_output_is_written(tmp_path):
+    make_images(tmp_path / "photos", 4)
+    output = tmp_path / "f.h5"
+    stop_after(2, tmp_path / "photos", output)
+    folder = output.with_name("f.h5.parts")
+    [first, *_] = parts(output)
+    (folder / first).unlink()
+    (folder / first).mkdir()
+    command = ["extract", str(tmp_path / "photos"), "-o", str(output), *FLAGS]
+    results = [invoke(*command), invoke(*command)]  # and a rerun on the finished file
+    assert [result.exit_code for result in results] == [0, 0], results[0].output
+    assert f"{first} is damaged (not a regular file)" in results[0].output
+    assert f"vggfeat did not write ({first}.damaged)" in results[0].output
+    assert os.listdir(folder) == [f"{first}.damaged"]
+    paths = vggfeat.load(output).paths
+    assert sorted(paths) == [f"photos/img{i:03d}.png" for i in range(4)]
+
+
+def test_runs_with_nothing_to_do_touch_nothing_and_refuse_no_one(tmp_path):
+    """Shards started at once on a finished output: each says nothing is new, none is
+    refused, and nothing on disk changes, whatever the order they open in."""
+    make_images(tmp_path / "photos", 4)
+    output = tmp_path / "f.h5"
+    extract([tmp_path / "photos"], output, **OPTIONS)
+    before = output.stat().st_mtime_ns
+    seen: list = []
+
+    def the_other_shard_now(progress):
+        if not seen:
+            seen.append(sorted(os.listdir(tmp_path)))
+            seen.append(extract([tmp_path / "photos"], output, **OPTIONS, shard="2/2"))
+
+    first = extract(
+        [tmp_path / "photos"], output, **OPTIONS, shard="1/2", on_progress=the_other_shard_now
+    )
+    assert seen[0] == ["f.h5", "photos"]
+    for summary in (first, seen[1]):
+        assert (summary.assembled, summary.computed, summary.already, summary.rows) == (
+            True, 0, 4, 4,
+        )  # fmt: skip
+    assert sorted(os.listdir(tmp_path)) == ["f.h5", "photos"]
+    assert output.stat().st_mtime_ns == before
+
+
+def test_a_run_whose_folder_goes_as_it_joins_plans_again(tmp_path, monkeypatch):
+    make_images(tmp_path / "photos", 3)
+    output = tmp_path / "f.h5"
+    real, gone = store_writer.claim, []
+
+    def finished_meanwhile(folder, *args, **kwargs):
+        if not gone:  # as when another process writes the output and removes the folder
+            gone.append(shutil.rmtree(folder))
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(store_writer, "claim", finished_meanwhile)
+    summary = extract([tmp_path / "photos"], output, **OPTIONS)
+    assert gone and (summary.computed, summary.rows) == (3, 3)
+    assert len(vggfeat.load(output).paths) == 3
+
+
+def test_load_reads_again_when_a_run_finishes_the_file_under_it(tmp_path, monkeypatch):
+    make_images(tmp_path / "photos", 4)
+    output = tmp_path / "f.h5"
+    stop_after(2, tmp_path / "photos", output)
+    real, finished = store_journal.Journal.column, []
+
+    def finish_the_run_first(self, part, index, rows):
+        if not finished:  # the run's last process writes the output, removing its parts
+            finished.append(extract([tmp_path / "photos"], output, **OPTIONS))
+        return real(self, part, index, rows)
+
+    monkeypatch.setattr(store_journal.Journal, "column", finish_the_run_first)
+    loaded = vggfeat.load(output)
+    monkeypatch.undo()
+    with h5py.File(output) as file:
+        assert loaded.paths == file["paths"].asstr()[:].tolist()
+        np.testing.assert_array_equal(loaded.features["pool1"], file["features/pool1"][:])
+    assert finished and len(loaded.paths) == 4
+
+
+def test_files_from_lines_end_at_a_newline_only(tmp_path):
+    make_images(tmp_path / "photos", 2)
+    odd = tmp_path / "photos" / "cr\rx.png"
+    os.rename(tmp_path / "photos" / "img000.png", odd)
+    listing_file = tmp_path / "list.txt"
+    listing_file.write_bytes(
+        os.fsencode(odd) + b"\n" + os.fsencode(tmp_path / "photos" / "img001.png") + b"\r\n"
+    )
+    output = tmp_path / "f.h5"
+    result = invoke("extract", "--files-from", str(listing_file), "-o", str(output), *FLAGS)
+    assert result.exit_code == 0, result.output
+    loaded = vggfeat.load(output)
+    assert (loaded.paths, loaded.failed) == (["photos/cr\rx.png", "photos/img001.png"], {})
+
+
+def test_extract_takes_one_input_as_a_string_or_a_path(tmp_path):
+    make_images(tmp_path / "photos", 2)
+    for inputs, name in [(str(tmp_path / "photos"), "a.h5"), (tmp_path / "photos", "b.h5")]:
+        summary = vggfeat.extract(inputs, tmp_path / name, **OPTIONS)
+        assert (summary.computed, summary.rows) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"image_size": "32"}, "--image-size '32' is not a whole number"),
+        ({"depth": 16.0}, "--depth 16.0 is not a whole number"),
+        ({"output": None}, "--output None is not a path"),
+        ({"inputs": 5}, "inputs 5 is not a path or a list of paths"),
+    ],
+)
+def test_options_of_the_wrong_kind_are_refused_as_options(tmp_path, values, message):
+    given = {"inputs": (str(tmp_path),), "output": str(tmp_path / "f.h5"), **OPTIONS, **values}
+    with pytest.raises(OptionError, match=re.escape(message)):
+        vggfeat.ExtractOptions(**given)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from enum import IntEnum
-from typing import IO, Any
+from typing import Any
 
 import click
 
@@ -66,6 +66,30 @@ class _BatchSize(click.ParamType):
         if number < 1:
             self.fail(f"{value!r} is not a number of images (1 or more) or auto", param, ctx)
         return number
+
+
+class _PathList(click.ParamType):
+    """A file (``-``: standard input) of paths, one a line. Lines end at a newline only,
+    so a name holding a carriage return is read whole; a CR before the newline (a Windows
+    line end) is dropped. Bytes that are not UTF-8 stay as the file system has them."""
+
+    name = "FILE|-"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> list[str]:
+        if isinstance(value, list):
+            return value
+        try:
+            if value == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(value, "rb") as file:
+                    data = file.read()
+        except OSError as error:
+            self.fail(f"cannot read {value}: {error.strerror or error}", param, ctx)
+        lines = data.split(b"\n")
+        if lines and not lines[-1]:
+            lines.pop()
+        return [os.fsdecode(line.removesuffix(b"\r")) for line in lines]
 
 
 class _BadOption(click.ClickException):
@@ -463,14 +487,14 @@ def export(
         click.echo(f"Note: {line}; the rows it holds are not in the export.", err=True)
     if exported.pending:
         click.echo(
-            f"Note: {file} is from a run that has not finished; {exported.pending:,} of the "
-            f"rows are those it has committed so far.",
+            f"Note: {terminal.printable(file)} is from a run that has not finished; "
+            f"{exported.pending:,} of the rows are those it has committed so far.",
             err=True,
         )
     if not to_stdout:
         click.echo(
-            f"Wrote {output}: {terminal.count(exported.rows, 'row')} of {exported.layer} "
-            f"({shape} {exported.dtype}) as {format_}.",
+            f"Wrote {terminal.printable(str(output))}: {terminal.count(exported.rows, 'row')} "
+            f"of {exported.layer} ({shape} {exported.dtype}) as {format_}.",
             err=True,
         )
 
@@ -571,8 +595,7 @@ def devices(as_json: bool) -> None:
 @choice_option("--compression", COMPRESSIONS, "HDF5 compression of the features.")
 @click.option(
     "--files-from",
-    type=click.File("r", encoding="utf-8", errors="surrogateescape"),
-    metavar="FILE|-",
+    type=_PathList(),
     help="Read more inputs from a file, one path a line ('-' for stdin).",
 )
 @click.option(
@@ -645,7 +668,7 @@ def devices(as_json: bool) -> None:
 def extract(
     inputs: tuple[str, ...],
     output: str,
-    files_from: IO[str] | None,
+    files_from: list[str] | None,
     strict: bool,
     quiet: bool,
     engine: str,

@@ -95,7 +95,7 @@ def discover(inputs: Iterable[str], files_from: Iterable[str] = ()) -> list[str]
         else:
             raise InputError(f"input {given} does not exist; give image folders or files")
     for line in files_from:
-        entry = line.rstrip("\r\n")
+        entry = line.removesuffix("\n").removesuffix("\r")
         if not entry.strip():
             continue
         if os.path.isdir(entry):

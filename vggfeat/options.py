@@ -66,10 +66,12 @@ class ExtractOptions:
     command: str | None = None
 
     def __post_init__(self) -> None:
+        _check_number("--depth", self.depth, 0, None)
+        _check_number("--image-size", self.image_size, 1, None)
         self._normalize(
             inputs=_paths(self.inputs),
-            output=os.fspath(self.output),
-            weights=os.fspath(self.weights),
+            output=_path("--output", self.output),
+            weights=_path("--weights", self.weights),
             files_from=_lines(self.files_from),
             layers=_canonical(vgg(self.depth), self.layers),
             backend=(self.backend or default_backend()).strip().lower(),
@@ -108,7 +110,7 @@ class ExtractOptions:
     @classmethod
     def make(
         cls,
-        inputs: Iterable[str | os.PathLike[str]] = (),
+        inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] = (),
         output: str | os.PathLike[str] = "features.h5",
         **options: Any,
     ) -> ExtractOptions:
@@ -121,7 +123,7 @@ class ExtractOptions:
             raise TypeError(f"extract() got unexpected keyword arguments: {', '.join(unknown)}")
         if options.get("backend") is None:
             options.pop("backend", None)
-        return cls(inputs=tuple(inputs), output=output, **options)  # type: ignore[arg-type]
+        return cls(inputs=inputs, output=output, **options)  # type: ignore[arg-type]
 
     @property
     def architecture(self) -> Architecture:
@@ -195,9 +197,19 @@ SEEDS = 2**32
 
 
 def _paths(paths: Any) -> tuple[str, ...]:
+    """Inputs: one path, or any number."""
     if isinstance(paths, str | os.PathLike):
         return (os.fspath(paths),)
-    return tuple(os.fspath(path) for path in paths)
+    try:
+        return tuple(_path("input", path) for path in paths)
+    except TypeError:
+        raise OptionError(f"inputs {paths!r} is not a path or a list of paths") from None
+
+
+def _path(option: str, value: Any) -> str:
+    if not isinstance(value, str | os.PathLike):
+        raise OptionError(f"{option} {value!r} is not a path")
+    return os.fspath(value)
 
 
 def _shard(shard: Any) -> Shard | None:
@@ -226,7 +238,7 @@ def _lines(source: Iterable[str]) -> tuple[str, ...]:
     """``--files-from``'s lines, read once (standard input cannot be read twice)."""
     if isinstance(source, str):
         raise OptionError("files_from takes lines (a file or a list), not one string")
-    return tuple(line.rstrip("\r\n") for line in source)
+    return tuple(line.removesuffix("\n").removesuffix("\r") for line in source)
 
 
 def _canonical(architecture: Architecture, names: Sequence[str]) -> tuple[str, ...]:

@@ -127,14 +127,15 @@ class Interrupted(KeyboardInterrupt):
 
 
 def extract(
-    inputs: ExtractOptions | Iterable[str | os.PathLike[str]] = (),
+    inputs: ExtractOptions | str | os.PathLike[str] | Iterable[str | os.PathLike[str]] = (),
     output: str | os.PathLike[str] = "features.h5",
     *,
     on_progress: Callable[[Progress], None] | None = None,
     on_notice: Callable[[str], None] | None = None,
     **options: Any,
 ) -> Summary:
-    """Extract features of every image in ``inputs`` into the HDF5 file ``output``.
+    """Extract features of every image in ``inputs`` (a folder or an image file, or a list
+    of them) into the HDF5 file ``output``.
 
     Takes an ``ExtractOptions``, or the inputs, the output and the same
     keywords (``layers=["fc7"]``, ``engine="ray"``, ...) to make one. Does what
@@ -245,6 +246,7 @@ class _Run:
             overwrite=options.overwrite,
             shard=options.shard,
             update=options.update,
+            prune=options.prune,
         )
         writer.commit_images = options.commit_every
         self._notice(*writer.notices)

@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from vggfeat.export import tsv_field
+from vggfeat.text import storable
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -146,10 +147,11 @@ def _duration(seconds: float) -> str:
 
 def printable(text: str) -> str:
     """``text`` for a message: tab, newline and backslash as in tsv, other control
-    characters (a terminal's escape codes) as ``\\xNN``."""
-    return "".join(
+    characters (a terminal's escape codes) and bytes that are not UTF-8 as ``\\xNN``."""
+    escaped = "".join(
         f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in tsv_field(text)
     )
+    return storable(escaped)
 
 
 def count(number: int, noun: str) -> str:

@@ -47,6 +47,7 @@ import numpy as np
 from vggfeat.errors import OutputError
 from vggfeat.store.identity import Stamp
 from vggfeat.store.layout import Layout, Rows
+from vggfeat.text import storable
 
 FORMAT_VERSION = 3
 #: Widths in bytes /paths can have: the smallest that fits the longest path is chosen.
@@ -61,15 +62,6 @@ CHUNK_BYTES = 1 << 20
 STRING_CHUNK_ROWS = 4096
 #: Bytes of rows held in memory at once when copying a file.
 COPY_BYTES = 64 << 20
-
-
-def storable(text: str) -> str:
-    """``text`` as HDF5's UTF-8 can hold it: a byte that is not UTF-8 (a surrogate, as
-    Python reads such a byte of a file name or an argument) written ``\\xNN``."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate no byte made
-        return text.encode("utf-8", "backslashreplace").decode()
 
 
 def path_width(longest: int) -> int:

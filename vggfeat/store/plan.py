@@ -374,16 +374,21 @@ def shard_records(folder: Path) -> list[dict[str, Any]]:
 
 #: The files a run keeps in its parts folder; nothing else there is vggfeat's.
 OWN_FILES = (
-    "part-*.npz", "part-*.npz.damaged", "*.tmp", "run.json", "run.json.*.claim", "work-*.json",
+    "part-*.npz", "part-*.npz.damaged", "run.json", "run.json.*.claim", "work-*.json",
     "shard-*.json", "shard-*.lock", "assemble.lock", "assembling.h5",
 )  # fmt: skip
+#: The temporary name of a file being written (``atomic.temporary_name``).
+OWN_TEMPORARY = re.compile(r".+\.\d+-[0-9a-f]{8}\.tmp")
 
 
 def remove_folder(folder: Path) -> list[str]:
     """Remove a finished run's parts folder: the files vggfeat wrote there, then the folder,
-    unless it holds others (someone's own); those it names and leaves as they are."""
-    for pattern in OWN_FILES:
-        for own in folder.glob(pattern):
+    unless it holds others (someone's own, or a folder under one of our names); those it
+    names and leaves as they are."""
+    owned = [own for pattern in OWN_FILES for own in folder.glob(pattern)]
+    owned += [entry for entry in folder.glob("*.tmp") if OWN_TEMPORARY.fullmatch(entry.name)]
+    for own in owned:
+        if own.is_symlink() or not own.is_dir():
             own.unlink(missing_ok=True)
     others = sorted(entry.name for entry in folder.iterdir()) if folder.exists() else []
     if not others:

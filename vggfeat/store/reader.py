@@ -318,13 +318,21 @@ def load(path: str | os.PathLike) -> Features:
 
     ``paths`` has one entry per row; ``features[name]`` is an (N, ...) array
     per stored layer; ``failed`` maps each unusable file to its reason;
-    ``runs`` says which runs wrote the rows.
+    ``runs`` says which runs wrote the rows. A run finishing the file as it is
+    read (a part gone) makes it read again, a few times, as ``open`` does.
     """
-    with open_features(path) as file:
-        return Features(
-            paths=list(file.paths),
-            features={name: column[:] for name, column in file.features.items()},
-            failed=file.failed,
-            attributes=file.attributes,
-            runs=file.runs,
-        )
+    for attempt in range(4):
+        try:
+            with open_features(path) as file:
+                return Features(
+                    paths=list(file.paths),
+                    features={name: column[:] for name, column in file.features.items()},
+                    failed=file.failed,
+                    attributes=file.attributes,
+                    runs=file.runs,
+                )
+        except OutputChanged:
+            if attempt == 3:
+                raise
+            time.sleep(0.25 * (attempt + 1))
+    raise AssertionError("unreachable")

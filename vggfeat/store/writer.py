@@ -5,6 +5,11 @@ anything on disk changes, records the run's plan and its list of images (or
 joins the run already recorded), and holds an exclusive lock on each shard it
 works on: every unfinished shard for a plain run, one with ``--shard``.
 
+A run with nothing to do on a finished output touches nothing: no folder, no
+record, no lock, so any number of such runs (shards included) can start at once.
+A process that joins a run at the moment another finishes it, and removes its
+folder, plans again.
+
 Rows arrive a batch at a time. A batch joins the buffer whole, already in the
 stored dtype, and the buffer is committed whole as one part: there is no
 moment at which a part could hold paths without their features.
@@ -26,7 +31,7 @@ from vggfeat.errors import OutputError
 from vggfeat.images import Failure, Source
 from vggfeat.interrupts import signals_deferred
 from vggfeat.store.assemble import Assembler, Assembly, assembled_by
-from vggfeat.store.hdf5 import read_attributes, stored_stamps
+from vggfeat.store.hdf5 import counts, open_hdf5, read_attributes, stored_stamps
 from vggfeat.store.identity import Identity, Stamp, home_of, output_path, parts_folder
 from vggfeat.store.journal import (
     COMMIT_BYTES,
@@ -63,6 +68,14 @@ from vggfeat.store.plan import (
 
 #: Rows of the output not among a run's inputs that are checked for a file that is gone.
 MISSING_CHECKS = 100_000
+
+
+class _FolderGone(Exception):
+    """The parts folder went while this process joined its run: another wrote the output."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class PruneEverything(OutputError):
@@ -122,6 +135,7 @@ class RunWriter:
         self._buffer = _Buffer()
         self._last_commit = time.monotonic()
         self._shard = min(locks, default=1)
+        self._idle = False
 
     # Opening ---------------------------------------------------------------------------------
 
@@ -135,6 +149,7 @@ class RunWriter:
         overwrite: bool = False,
         shard: Shard | None = None,
         update: bool = False,
+        prune: bool = False,
     ) -> RunWriter:
         """Check ``output`` can take this run, plan it, and lock the shards this process does.
 
@@ -144,6 +159,25 @@ class RunWriter:
         has an unfinished run of other settings, or its shard is in use.
         """
         path = output_path(output)
+        for attempt in range(3):
+            try:
+                return cls._open(path, layout, images, overwrite, shard, update, prune)
+            except _FolderGone as gone:
+                if attempt == 2:
+                    raise gone.error from None
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open(
+        cls,
+        path: Path,
+        layout: Layout,
+        images: Sequence[str],
+        overwrite: bool,
+        shard: Shard | None,
+        update: bool,
+        prune: bool,
+    ) -> RunWriter:
         check_writable(path)
         if path.exists() and not overwrite:
             check_output(path, layout.settings)
@@ -153,6 +187,31 @@ class RunWriter:
         count = shard.count if shard else None
         if earlier is not None:
             check_unfinished(earlier, path, layout.settings, overwrite, count)
+        elif path.exists() and not (overwrite or prune):
+            idle = cls._nothing_to_do(path, layout, images, update, count or 1)
+            if idle is not None:
+                return idle
+        try:
+            return cls._locked(path, layout, images, overwrite, shard, update, earlier)
+        except (FileNotFoundError, OutputError) as error:
+            if os.path.lexists(folder):
+                raise
+            # The run this process joined was finished, its folder removed, meanwhile.
+            raise _FolderGone(error) from error
+
+    @classmethod
+    def _locked(
+        cls,
+        path: Path,
+        layout: Layout,
+        images: Sequence[str],
+        overwrite: bool,
+        shard: Shard | None,
+        update: bool,
+        earlier: Plan | None,
+    ) -> RunWriter:
+        """The run planned (or joined), with this process's shards locked."""
+        folder = parts_folder(path)
         try:
             folder.mkdir(exist_ok=True)
         except OSError as error:
@@ -164,7 +223,7 @@ class RunWriter:
             for lock in every.values():
                 lock.close()
             earlier = None
-        shards = earlier.shards if earlier else count or 1
+        shards = earlier.shards if earlier else (shard.count if shard else 1)
         locks = lock_shards(folder, path, shards, [shard.index] if shard else range(1, shards + 1))
         try:
             writer = cls._planned(
@@ -203,16 +262,7 @@ class RunWriter:
         for index in locks:
             remove_leftovers(folder, index)
         rebuilt = overwrite and not (earlier and assembled_by(path, earlier))
-        empty: dict[str, Stamp] = {}
-        stored = (empty, empty) if rebuilt or not path.exists() else stored_stamps(path)
-        identity = Identity(home_of(path))
-        candidates: dict[str, str] = {}
-        for image in images:
-            candidates.setdefault(identity.key(image), image)  # one image, however named
-        done = stored[0] | stored[1]
-        basis = [
-            key for key, image in candidates.items() if needs_work(image, done.get(key), update)
-        ]
+        identity, stored, candidates, basis = _survey(path, images, rebuilt, update)
         plan = claim(folder, path, Plan(uuid.uuid4().hex, layout, shards, overwrite), basis)
         check_unfinished(plan, path, layout.settings, overwrite, None)
         if plan.shards != shards:
@@ -225,6 +275,22 @@ class RunWriter:
         for index in [i for i in locks if finished(folder, i)]:
             locks.pop(index).close()
         writer._share_out(update, basis)
+        return writer
+
+    @classmethod
+    def _nothing_to_do(
+        cls, path: Path, layout: Layout, images: Sequence[str], update: bool, shards: int
+    ) -> RunWriter | None:
+        """A writer with nothing to do and nothing on disk, when every image is in the
+        output as it is; None when there is work."""
+        identity, stored, candidates, basis = _survey(path, images, False, update)
+        if basis:
+            return None
+        plan = Plan(uuid.uuid4().hex, layout, shards, False)  # never recorded
+        writer = cls(path, plan, {}, identity, stored)
+        writer._candidates = candidates
+        writer._idle = True
+        writer.already = len(candidates)
         return writer
 
     def _read_journal(self) -> None:
@@ -272,22 +338,6 @@ class RunWriter:
             extend_work(self.folder, self.path, self.plan, shares.listed, self.journal.kept())
         self.work = [ShardWork(i, [self._path(key) for key in keys]) for i, keys in shares.work]
         self.already, self.left_for_later = shares.already, shares.left_for_later
-        if not shares.listed and not self._in_parts:
-            self._finish_idle_shards()
-
-    def _finish_idle_shards(self) -> None:
-        """A run with nothing to do for any shard: the other shards are done as well (unless
-        a process of theirs runs, which finishes them itself), so that no empty run stays
-        unfinished and keeps another run of this output from starting."""
-        for index in self.unfinished_shards():
-            if index in self._locks:
-                continue  # this process finishes it
-            lock = Lock.take(self.folder / f"shard-{index:04d}.lock")
-            if lock is not None:
-                try:
-                    record_finished(self.folder, index, {}, self.path, self.journal.kept())
-                finally:
-                    lock.close()
 
     def _path(self, key: str) -> str:
         """The path to read the image of ``key`` from: as given, where this run was given it."""
@@ -409,6 +459,8 @@ class RunWriter:
 
     def unfinished_shards(self) -> list[int]:
         """Shards of the run that have not done their share yet."""
+        if self._idle:
+            return []
         return [i for i in range(1, self.plan.shards + 1) if not finished(self.folder, i)]
 
     def assemble(self, prune: set[str] | None = None) -> Assembly | None:
@@ -417,17 +469,19 @@ class RunWriter:
         Only one process assembles: another that finishes at the same moment
         leaves it to the first. Removes the parts folder when done.
         """
+        if self._idle:
+            return self._as_it_is()
         if self.unfinished_shards():
             return None
         try:
             lock = Lock.take(self.folder / "assemble.lock")
         except FileNotFoundError:
-            return None  # another process assembled and removed the folder
+            return self._as_it_is()  # another process assembled and removed the folder
         if lock is None:
             return None
         try:
             if not self.folder.exists():
-                return None
+                return self._as_it_is()
             try:
                 result = Assembler(self.plan, self.journal, self.path, prune or set()).run()
             except PartDamaged as damage:
@@ -441,6 +495,13 @@ class RunWriter:
             lock.close()
         self._remove_folder()
         return result
+
+    def _as_it_is(self) -> Assembly | None:
+        """The output as written, by another process or earlier: nothing added now."""
+        if not self.path.exists():
+            return None
+        with open_hdf5(self.path) as file:
+            return Assembly(0, 0, 0, *counts(file))
 
     def _remove_folder(self) -> None:
         others = remove_folder(self.folder)
@@ -459,6 +520,8 @@ class RunWriter:
 
     def discard(self) -> None:
         """Release the locks; remove the parts folder if it holds no work and no one uses it."""
+        if self._idle:
+            return
         others = [i for i in range(1, self.plan.shards + 1) if i not in self._locks]
         held = [Lock.take(self.folder / f"shard-{i:04d}.lock") for i in others]
         try:
@@ -470,3 +533,19 @@ class RunWriter:
                 if lock is not None:
                     lock.close()
             self.close()
+
+
+def _survey(
+    path: Path, images: Sequence[str], rebuilt: bool, update: bool
+) -> tuple[Identity, tuple[dict[str, Stamp], dict[str, Stamp]], dict[str, str], list[str]]:
+    """How this run names its images, what the output holds (rows, failures), this run's
+    images by key, and the keys that need work, in the run's order."""
+    empty: dict[str, Stamp] = {}
+    stored = (empty, empty) if rebuilt or not path.exists() else stored_stamps(path)
+    identity = Identity(home_of(path))
+    candidates: dict[str, str] = {}
+    for image in images:
+        candidates.setdefault(identity.key(image), image)  # one image, however named
+    done = stored[0] | stored[1]
+    basis = [key for key, image in candidates.items() if needs_work(image, done.get(key), update)]
+    return identity, stored, candidates, basis
