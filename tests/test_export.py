@@ -401,6 +401,17 @@ def test_paths_to_takes_a_file_not_standard_output(flat, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_paths_to_the_standard_output_by_another_name_is_refused(flat):
+    # /dev/stdout is where the rows go: the two would mix in one stream.
+    result = subprocess.run(
+        [sys.executable, "-m", "vggfeat", "export", str(flat), "--layer", "conv1_1", "--format",
+         "csv", "--paths-to", "/dev/stdout"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith("Error: --paths-to /dev/stdout is where the rows go too")
+
+
 def test_a_layer_is_found_by_its_keras_name_too(flat):
     by_alias = run(str(flat), "--layer", "conv1_2", "--format", "npy").stdout_bytes
     assert run(str(flat), "--layer", "block1_conv2", "--format", "npy").stdout_bytes == by_alias

@@ -975,12 +975,79 @@ def test_extract_takes_one_input_as_a_string_or_a_path(tmp_path):
     ("values", "message"),
     [
         ({"image_size": "32"}, "--image-size '32' is not a whole number"),
+        ({"image_size": None}, "--image-size None is not a whole number"),
         ({"depth": 16.0}, "--depth 16.0 is not a whole number"),
         ({"output": None}, "--output None is not a path"),
         ({"inputs": 5}, "inputs 5 is not a path or a list of paths"),
+        ({"layers": [None]}, "--layer None is not a name"),
+        ({"files_from": [5]}, "files_from line 5 is not a path"),
+        ({"update": "yes"}, "--update 'yes' is not True or False"),
+        ({"prune": 1}, "--prune 1 is not True or False"),
+        ({"device": 0}, "--device 0 is not a name"),
     ],
 )
 def test_options_of_the_wrong_kind_are_refused_as_options(tmp_path, values, message):
     given = {"inputs": (str(tmp_path),), "output": str(tmp_path / "f.h5"), **OPTIONS, **values}
     with pytest.raises(OptionError, match=re.escape(message)):
         vggfeat.ExtractOptions(**given)
+
+
+def test_options_take_bytes_as_the_file_system_has_them(tmp_path):
+    name = os.fsencode(tmp_path / "caf\xe9.png")
+    options = vggfeat.ExtractOptions(
+        os.fsencode(tmp_path), tmp_path / "f.h5", **OPTIONS, files_from=[name + b"\r\n"]
+    )
+    assert options.inputs == (str(tmp_path),)
+    assert options.files_from == (os.fsdecode(name),)
+
+
+def test_a_prune_with_nothing_to_drop_touches_nothing_shards_included(tmp_path):
+    make_images(tmp_path / "photos", 3)
+    output = tmp_path / "f.h5"
+    extract([tmp_path / "photos"], output, **OPTIONS)
+    for shard in (None, "1/2"):
+        summary = extract([tmp_path / "photos"], output, **OPTIONS, prune=True, shard=shard)
+        assert (summary.assembled, summary.dropped, summary.rows) == (True, 0, 3)
+        assert sorted(os.listdir(tmp_path)) == ["f.h5", "photos"]
+
+
+def test_a_sharded_prune_is_finished_with_prune_or_refused(tmp_path):
+    make_images(tmp_path / "photos", 4)
+    output = tmp_path / "f.h5"
+    extract([tmp_path / "photos"], output, **OPTIONS)
+    os.remove(tmp_path / "photos" / "img001.png")
+    first = extract([tmp_path / "photos"], output, **OPTIONS, prune=True, shard="1/2")
+    assert (first.assembled, first.waiting_for) == (False, (2,))
+    with pytest.raises(VggfeatError, match=r"has a --prune run unfinished in .*; add --prune"):
+        extract([tmp_path / "photos"], output, **OPTIONS, shard="2/2")
+    last = extract([tmp_path / "photos"], output, **OPTIONS, prune=True, shard="2/2")
+    assert (last.assembled, last.dropped, last.rows) == (True, 1, 3)
+    with h5py.File(output) as file:
+        assert "photos/img001.png" not in file["paths"].asstr()[:].tolist()
+
+
+def test_a_shard_that_finds_another_writing_the_output_says_so(tmp_path):
+    make_images(tmp_path / "photos", 4)
+    output = tmp_path / "f.h5"
+    first = extract([tmp_path / "photos"], output, **OPTIONS, shard="1/2")
+    assert first.waiting_for == (2,)
+    # Another process writes the output now: it holds the lock on writing it.
+    descriptor = os.open(tmp_path / "f.h5.parts" / "assemble.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        result = invoke("extract", str(tmp_path / "photos"), "-o", str(output), *FLAGS,
+                        "--shard", "2/2")  # fmt: skip
+    finally:
+        os.close(descriptor)
+    assert result.exit_code == 0, result.output
+    assert (f"Shard 2/2 done: 2 images computed, 0 failed, 2 done before. Every shard is done; "
+            f"another process is writing {output}.") in result.output  # fmt: skip
+
+
+def test_an_empty_list_of_files_is_said_to_be_empty(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    result = CliRunner().invoke(
+        cli, ["extract", "--files-from", str(tmp_path / "empty.txt"), *FLAGS]
+    )
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: --files-from names no file: its list is empty"

@@ -492,6 +492,15 @@ def _check_targets(
             raise OptionError(f"{target} is inside a .parts folder, vggfeat's own work")
     if len(named) == 2 and _same_path(*named):
         raise OptionError(f"-o and --paths-to both name {named[0]}; name two files")
+    if paths_to is not None and not isinstance(out, str | os.PathLike):
+        same = False
+        with contextlib.suppress(OSError, AttributeError, ValueError):  # not there, no file
+            same = os.path.samestat(os.stat(paths_to), os.fstat(out.fileno()))
+        if same:
+            raise OptionError(
+                f"--paths-to {os.fspath(paths_to)} is where the rows go too; name another file, "
+                "or leave it out: the text formats write each path on its row"
+            )
 
 
 def _is_parts_folder(folder: Path) -> bool:

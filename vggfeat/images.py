@@ -94,14 +94,18 @@ def discover(inputs: Iterable[str], files_from: Iterable[str] = ()) -> list[str]
             found[given] = None
         else:
             raise InputError(f"input {given} does not exist; give image folders or files")
+    listed = 0
     for line in files_from:
         entry = line.removesuffix("\n").removesuffix("\r")
         if not entry.strip():
             continue
+        listed += 1
         if os.path.isdir(entry):
             found.update(dict.fromkeys(_walk(entry)))
         else:
             found[entry] = None
+    if not found and not inputs and not listed:
+        raise InputError("--files-from names no file: its list is empty")
     if not found:
         raise InputError(
             "no images found in the inputs: folders are searched for "

@@ -66,15 +66,23 @@ class ExtractOptions:
     command: str | None = None
 
     def __post_init__(self) -> None:
-        _check_number("--depth", self.depth, 0, None)
-        _check_number("--image-size", self.image_size, 1, None)
+        for option, size in (("--depth", self.depth), ("--image-size", self.image_size)):
+            _check_number(option, size, 1, None, required=True)
+        for option, flag in (
+            ("--overwrite", self.overwrite),
+            ("--update", self.update),
+            ("--prune", self.prune),
+            ("--yes", self.yes),
+        ):
+            if not isinstance(flag, bool):
+                raise OptionError(f"{option} {flag!r} is not True or False")
         self._normalize(
             inputs=_paths(self.inputs),
             output=_path("--output", self.output),
             weights=_path("--weights", self.weights),
             files_from=_lines(self.files_from),
             layers=_canonical(vgg(self.depth), self.layers),
-            backend=(self.backend or default_backend()).strip().lower(),
+            backend=_text("--backend", self.backend or default_backend()).strip().lower(),
             device=_device(self.device),
             batch_size=None if self.batch_size == "auto" else self.batch_size,
             shard=_shard(self.shard),
@@ -198,8 +206,8 @@ SEEDS = 2**32
 
 def _paths(paths: Any) -> tuple[str, ...]:
     """Inputs: one path, or any number."""
-    if isinstance(paths, str | os.PathLike):
-        return (os.fspath(paths),)
+    if isinstance(paths, str | bytes | os.PathLike):
+        return (_path("input", paths),)
     try:
         return tuple(_path("input", path) for path in paths)
     except TypeError:
@@ -207,9 +215,16 @@ def _paths(paths: Any) -> tuple[str, ...]:
 
 
 def _path(option: str, value: Any) -> str:
-    if not isinstance(value, str | os.PathLike):
+    """A path given as text, bytes (as the file system has it) or a ``PathLike``."""
+    if not isinstance(value, str | bytes | os.PathLike):
         raise OptionError(f"{option} {value!r} is not a path")
-    return os.fspath(value)
+    return os.fsdecode(value)
+
+
+def _text(option: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise OptionError(f"{option} {value!r} is not a name")
+    return value
 
 
 def _shard(shard: Any) -> Shard | None:
@@ -223,9 +238,12 @@ def _shard(shard: Any) -> Shard | None:
     return Shard.parse(str(shard))
 
 
-def _check_number(option: str, number: Any, least: int, most: int | None) -> None:
-    """Refuse a value that is not a whole number from ``least`` to ``most``."""
-    if number is None:
+def _check_number(
+    option: str, number: Any, least: int, most: int | None, required: bool = False
+) -> None:
+    """Refuse a value that is not a whole number from ``least`` to ``most`` (None is no
+    value, unless ``required``)."""
+    if number is None and not required:
         return
     if isinstance(number, bool) or not isinstance(number, int):
         raise OptionError(f"{option} {number!r} is not a whole number")
@@ -234,11 +252,19 @@ def _check_number(option: str, number: Any, least: int, most: int | None) -> Non
         raise OptionError(f"{option} must be {bounds}, not {number}")
 
 
-def _lines(source: Iterable[str]) -> tuple[str, ...]:
-    """``--files-from``'s lines, read once (standard input cannot be read twice)."""
-    if isinstance(source, str):
+def _lines(source: Iterable[str | bytes] | None) -> tuple[str, ...]:
+    """``--files-from``'s lines, read once (standard input cannot be read twice): text, or
+    bytes as a file opened in binary mode gives them; a line end (LF or CRLF) dropped."""
+    if source is None:
+        return ()
+    if isinstance(source, str | bytes):
         raise OptionError("files_from takes lines (a file or a list), not one string")
-    return tuple(line.removesuffix("\n").removesuffix("\r") for line in source)
+    lines = []
+    for line in source:
+        if not isinstance(line, str | bytes):
+            raise OptionError(f"files_from line {line!r} is not a path")
+        lines.append(os.fsdecode(line).removesuffix("\n").removesuffix("\r"))
+    return tuple(lines)
 
 
 def _canonical(architecture: Architecture, names: Sequence[str]) -> tuple[str, ...]:
@@ -249,7 +275,7 @@ def _canonical(architecture: Architecture, names: Sequence[str]) -> tuple[str, .
         raise OptionError("name at least one --layer")
     chosen: dict[str, str] = {}
     for name in names:
-        layer = architecture.layer(name)
+        layer = architecture.layer(_text("--layer", name))
         if layer.alias in chosen:
             raise OptionError(
                 f"--layer {name.strip()} and --layer {chosen[layer.alias]} are the same layer"
@@ -262,7 +288,7 @@ def _device(device: str | None) -> str | None:
     """``cpu``, ``gpu`` or ``gpu:N``, lower case; ``OptionError`` for anything else."""
     if device is None:
         return None
-    choice = device.strip().lower()
+    choice = _text("--device", device).strip().lower()
     if choice in ("cpu", "gpu") or (choice.startswith("gpu:") and choice[4:].isdigit()):
         return choice
     raise OptionError(f"--device {device} is not cpu, gpu or gpu:N")

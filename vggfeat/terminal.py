@@ -190,11 +190,16 @@ def _headline(summary: Summary) -> str:
     """What the run did to the output, in one line."""
     failed = len(summary.failures)
     if not summary.assembled:
+        done = (
+            f"{'Shard ' + str(summary.shard) if summary.shard else 'Run'} done: "
+            f"{count(summary.computed, 'image')} computed, {failed:,} failed, "
+            f"{summary.already:,} done before."
+        )
+        if not summary.waiting_for:  # every shard is done: another process writes the output
+            return f"{done} Every shard is done; another process is writing {summary.output}."
         shards = "shard" if len(summary.waiting_for) == 1 else "shards"
         return (
-            f"Shard {summary.shard} done: {count(summary.computed, 'image')} computed, "
-            f"{failed:,} failed, {summary.already:,} done before. Waiting for {shards} "
-            f"{', '.join(map(str, summary.waiting_for))}; "
+            f"{done} Waiting for {shards} {', '.join(map(str, summary.waiting_for))}; "
             f"the last to finish writes {summary.output}."
         )
     if _nothing_new(summary):

@@ -69,17 +69,22 @@ class Plan:
     layout: Layout
     shards: int
     overwrite: bool
+    prune: bool = False
+    """Whether the output drops the rows whose files are gone (vggfeat 0.1 did not say)."""
 
     def to_json(self) -> str:
         return json.dumps(
             {"id": self.id, **self.layout.to_dict(), "shards": self.shards,
-             "overwrite": self.overwrite}
+             "overwrite": self.overwrite, "prune": self.prune}
         )  # fmt: skip
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
         values = json.loads(text)
-        return cls(values["id"], Layout.from_dict(values), values["shards"], values["overwrite"])
+        layout = Layout.from_dict(values)
+        return cls(
+            values["id"], layout, values["shards"], values["overwrite"], values.get("prune", False)
+        )
 
 
 def read_plan(folder: Path, output: Path) -> Plan | None:
@@ -275,7 +280,12 @@ def abandoned(earlier: Plan, layout: Layout) -> bool:
 
 
 def check_unfinished(
-    earlier: Plan, path: Path, settings: Settings, overwrite: bool, shard_count: int | None
+    earlier: Plan,
+    path: Path,
+    settings: Settings,
+    overwrite: bool,
+    shard_count: int | None,
+    prune: bool,
 ) -> None:
     """Refuse a run that does not fit the unfinished one in the parts folder."""
     folder = parts_folder(path)
@@ -302,6 +312,14 @@ def check_unfinished(
         raise OutputError(
             f"output {path} has an unfinished run {what} in {folder}; run without "
             f"--overwrite to finish it, {abandon}"
+        )
+    if earlier.prune != prune:
+        kind, how = (
+            ("a --prune run", "add --prune") if earlier.prune else ("a run", "leave out --prune")
+        )
+        raise OutputError(
+            f"output {path} has {kind} unfinished in {folder}; {how} to finish it, or, once no "
+            f"process runs it, delete {folder} to abandon it"
         )
     if shard_count is not None and shard_count != earlier.shards:
         raise OutputError(

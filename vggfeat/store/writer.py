@@ -186,13 +186,13 @@ class RunWriter:
         earlier = read_plan(folder, path)
         count = shard.count if shard else None
         if earlier is not None:
-            check_unfinished(earlier, path, layout.settings, overwrite, count)
-        elif path.exists() and not (overwrite or prune):
-            idle = cls._nothing_to_do(path, layout, images, update, count or 1)
+            check_unfinished(earlier, path, layout.settings, overwrite, count, prune)
+        elif path.exists() and not overwrite:
+            idle = cls._nothing_to_do(path, layout, images, update, prune, count or 1)
             if idle is not None:
                 return idle
         try:
-            return cls._locked(path, layout, images, overwrite, shard, update, earlier)
+            return cls._locked(path, layout, images, overwrite, shard, update, prune, earlier)
         except (FileNotFoundError, OutputError) as error:
             if os.path.lexists(folder):
                 raise
@@ -208,6 +208,7 @@ class RunWriter:
         overwrite: bool,
         shard: Shard | None,
         update: bool,
+        prune: bool,
         earlier: Plan | None,
     ) -> RunWriter:
         """The run planned (or joined), with this process's shards locked."""
@@ -232,6 +233,7 @@ class RunWriter:
                 images,
                 overwrite=overwrite,
                 update=update,
+                prune=prune,
                 earlier=earlier,
                 locks=locks,
                 shards=shards,
@@ -252,6 +254,7 @@ class RunWriter:
         *,
         overwrite: bool,
         update: bool,
+        prune: bool,
         earlier: Plan | None,
         locks: dict[int, Lock],
         shards: int,
@@ -263,8 +266,8 @@ class RunWriter:
             remove_leftovers(folder, index)
         rebuilt = overwrite and not (earlier and assembled_by(path, earlier))
         identity, stored, candidates, basis = _survey(path, images, rebuilt, update)
-        plan = claim(folder, path, Plan(uuid.uuid4().hex, layout, shards, overwrite), basis)
-        check_unfinished(plan, path, layout.settings, overwrite, None)
+        plan = claim(folder, path, Plan(uuid.uuid4().hex, layout, shards, overwrite, prune), basis)
+        check_unfinished(plan, path, layout.settings, overwrite, None, prune)
         if plan.shards != shards:
             raise OutputError(
                 f"another run of {path} started at the same moment; run the command again"
@@ -279,12 +282,21 @@ class RunWriter:
 
     @classmethod
     def _nothing_to_do(
-        cls, path: Path, layout: Layout, images: Sequence[str], update: bool, shards: int
+        cls,
+        path: Path,
+        layout: Layout,
+        images: Sequence[str],
+        update: bool,
+        prune: bool,
+        shards: int,
     ) -> RunWriter | None:
         """A writer with nothing to do and nothing on disk, when every image is in the
-        output as it is; None when there is work."""
+        output as it is (and, with ``prune``, every row's file is there); None when there
+        is work."""
         identity, stored, candidates, basis = _survey(path, images, False, update)
         if basis:
+            return None
+        if prune and any(identity.locate(key) is None for key in stored[0] | stored[1]):
             return None
         plan = Plan(uuid.uuid4().hex, layout, shards, False)  # never recorded
         writer = cls(path, plan, {}, identity, stored)
@@ -458,8 +470,9 @@ class RunWriter:
         record_finished(self.folder, shard, attributes, self.path, self.journal.kept())
 
     def unfinished_shards(self) -> list[int]:
-        """Shards of the run that have not done their share yet."""
-        if self._idle:
+        """Shards of the run that have not done their share yet; none once the run is over
+        (its folder removed by the process that wrote the output)."""
+        if self._idle or not self.folder.exists():
             return []
         return [i for i in range(1, self.plan.shards + 1) if not finished(self.folder, i)]
 
