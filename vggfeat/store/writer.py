@@ -21,7 +21,7 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,20 @@ from vggfeat.store.plan import (
 
 #: Rows of the output not among a run's inputs that are checked for a file that is gone.
 MISSING_CHECKS = 100_000
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What a process asks of the store: the output, how it is laid out, the images this
+    run was given, and how (``--overwrite``, ``--shard``, ``--update``, ``--prune``)."""
+
+    path: Path
+    layout: Layout
+    images: Sequence[str]
+    overwrite: bool
+    shard: Shard | None
+    update: bool
+    prune: bool
 
 
 class _FolderGone(Exception):
@@ -158,41 +172,35 @@ class RunWriter:
         written, is another program's file or damaged, holds other settings,
         has an unfinished run of other settings, or its shard is in use.
         """
-        path = output_path(output)
+        request = _Request(output_path(output), layout, images, overwrite, shard, update, prune)
         for attempt in range(3):
             try:
-                return cls._open(path, layout, images, overwrite, shard, update, prune)
+                return cls._open(request)
             except _FolderGone as gone:
                 if attempt == 2:
                     raise gone.error from None
         raise AssertionError("unreachable")
 
     @classmethod
-    def _open(
-        cls,
-        path: Path,
-        layout: Layout,
-        images: Sequence[str],
-        overwrite: bool,
-        shard: Shard | None,
-        update: bool,
-        prune: bool,
-    ) -> RunWriter:
+    def _open(cls, request: _Request) -> RunWriter:
+        path = request.path
         check_writable(path)
-        if path.exists() and not overwrite:
-            check_output(path, layout.settings)
-            layout = layout.named_as(stored_settings(read_attributes(path)))
+        if path.exists() and not request.overwrite:
+            check_output(path, request.layout.settings)
+            stored = stored_settings(read_attributes(path))
+            request = replace(request, layout=request.layout.named_as(stored))
         folder = parts_folder(path)
         earlier = read_plan(folder, path)
-        count = shard.count if shard else None
         if earlier is not None:
-            check_unfinished(earlier, path, layout.settings, overwrite, count, prune)
-        elif path.exists() and not overwrite:
-            idle = cls._nothing_to_do(path, layout, images, update, prune, count or 1)
+            count = request.shard.count if request.shard else None
+            settings = request.layout.settings
+            check_unfinished(earlier, path, settings, request.overwrite, count, request.prune)
+        elif path.exists() and not request.overwrite:
+            idle = cls._nothing_to_do(request)
             if idle is not None:
                 return idle
         try:
-            return cls._locked(path, layout, images, overwrite, shard, update, prune, earlier)
+            return cls._locked(request, earlier)
         except (FileNotFoundError, OutputError) as error:
             if os.path.lexists(folder):
                 raise
@@ -200,24 +208,15 @@ class RunWriter:
             raise _FolderGone(error) from error
 
     @classmethod
-    def _locked(
-        cls,
-        path: Path,
-        layout: Layout,
-        images: Sequence[str],
-        overwrite: bool,
-        shard: Shard | None,
-        update: bool,
-        prune: bool,
-        earlier: Plan | None,
-    ) -> RunWriter:
+    def _locked(cls, request: _Request, earlier: Plan | None) -> RunWriter:
         """The run planned (or joined), with this process's shards locked."""
+        path, shard = request.path, request.shard
         folder = parts_folder(path)
         try:
             folder.mkdir(exist_ok=True)
         except OSError as error:
             raise OutputError(f"cannot write output {path}: {error.strerror or error}") from None
-        if earlier is not None and abandoned(earlier, layout):
+        if earlier is not None and abandoned(earlier, request.layout):
             # --overwrite with other settings: the unfinished run is thrown away.
             every = lock_shards(folder, path, earlier.shards, range(1, earlier.shards + 1))
             clear(folder)
@@ -227,17 +226,7 @@ class RunWriter:
         shards = earlier.shards if earlier else (shard.count if shard else 1)
         locks = lock_shards(folder, path, shards, [shard.index] if shard else range(1, shards + 1))
         try:
-            writer = cls._planned(
-                path,
-                layout,
-                images,
-                overwrite=overwrite,
-                update=update,
-                prune=prune,
-                earlier=earlier,
-                locks=locks,
-                shards=shards,
-            )
+            writer = cls._planned(request, earlier, locks, shards)
             require_space(folder, RESERVE_BYTES, "start", path, writer.journal.kept())
             return writer
         except BaseException:
@@ -247,27 +236,21 @@ class RunWriter:
 
     @classmethod
     def _planned(
-        cls,
-        path: Path,
-        layout: Layout,
-        images: Sequence[str],
-        *,
-        overwrite: bool,
-        update: bool,
-        prune: bool,
-        earlier: Plan | None,
-        locks: dict[int, Lock],
-        shards: int,
+        cls, request: _Request, earlier: Plan | None, locks: dict[int, Lock], shards: int
     ) -> RunWriter:
         """The run planned: its record claimed (or joined), damaged parts set aside, and
         this process's shares of the work."""
+        path = request.path
         folder = parts_folder(path)
         for index in locks:
             remove_leftovers(folder, index)
-        rebuilt = overwrite and not (earlier and assembled_by(path, earlier))
-        identity, stored, candidates, basis = _survey(path, images, rebuilt, update)
-        plan = claim(folder, path, Plan(uuid.uuid4().hex, layout, shards, overwrite, prune), basis)
-        check_unfinished(plan, path, layout.settings, overwrite, None, prune)
+        rebuilt = request.overwrite and not (earlier and assembled_by(path, earlier))
+        identity, stored, candidates, basis = _survey(request, rebuilt)
+        ours = Plan(uuid.uuid4().hex, request.layout, shards, request.overwrite, request.prune)
+        plan = claim(folder, path, ours, basis)
+        check_unfinished(
+            plan, path, request.layout.settings, request.overwrite, None, request.prune
+        )
         if plan.shards != shards:
             raise OutputError(
                 f"another run of {path} started at the same moment; run the command again"
@@ -277,29 +260,22 @@ class RunWriter:
         writer._read_journal()
         for index in [i for i in locks if finished(folder, i)]:
             locks.pop(index).close()
-        writer._share_out(update, basis)
+        writer._share_out(request.update, basis)
         return writer
 
     @classmethod
-    def _nothing_to_do(
-        cls,
-        path: Path,
-        layout: Layout,
-        images: Sequence[str],
-        update: bool,
-        prune: bool,
-        shards: int,
-    ) -> RunWriter | None:
+    def _nothing_to_do(cls, request: _Request) -> RunWriter | None:
         """A writer with nothing to do and nothing on disk, when every image is in the
         output as it is (and, with ``prune``, every row's file is there); None when there
         is work."""
-        identity, stored, candidates, basis = _survey(path, images, False, update)
+        identity, stored, candidates, basis = _survey(request, False)
         if basis:
             return None
-        if prune and any(identity.locate(key) is None for key in stored[0] | stored[1]):
+        if request.prune and any(identity.locate(key) is None for key in stored[0] | stored[1]):
             return None
-        plan = Plan(uuid.uuid4().hex, layout, shards, False)  # never recorded
-        writer = cls(path, plan, {}, identity, stored)
+        shards = request.shard.count if request.shard else 1
+        plan = Plan(uuid.uuid4().hex, request.layout, shards, False)  # never recorded
+        writer = cls(request.path, plan, {}, identity, stored)
         writer._candidates = candidates
         writer._idle = True
         writer.already = len(candidates)
@@ -549,16 +525,18 @@ class RunWriter:
 
 
 def _survey(
-    path: Path, images: Sequence[str], rebuilt: bool, update: bool
+    request: _Request, rebuilt: bool
 ) -> tuple[Identity, tuple[dict[str, Stamp], dict[str, Stamp]], dict[str, str], list[str]]:
     """How this run names its images, what the output holds (rows, failures), this run's
     images by key, and the keys that need work, in the run's order."""
+    path = request.path
     empty: dict[str, Stamp] = {}
     stored = (empty, empty) if rebuilt or not path.exists() else stored_stamps(path)
     identity = Identity(home_of(path))
     candidates: dict[str, str] = {}
-    for image in images:
+    for image in request.images:
         candidates.setdefault(identity.key(image), image)  # one image, however named
     done = stored[0] | stored[1]
+    update = request.update
     basis = [key for key, image in candidates.items() if needs_work(image, done.get(key), update)]
     return identity, stored, candidates, basis
