@@ -31,6 +31,10 @@ def temporary_name(target: Path) -> Path:
     return target.with_name(f"{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
+#: What ``temporary_name`` adds to a name, as a regular expression.
+TEMPORARY_SUFFIX = r"\.\d+-[0-9a-f]{8}\.tmp"
+
+
 def write_atomically(
     target: Path, write: Callable[[IO[bytes]], Any], output: Path, kept: str
 ) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vggfeat.atomic import size_text
+from vggfeat.errors import VggfeatError
 
 #: Images per network call when none is asked for: what is fast. On a CPU, 8 compute as
 #: fast as 32 (fc7 at 224x224: 11.7 and 12.1 images/s on 2 cores) in 0.8 GB less memory.
@@ -45,7 +46,7 @@ def choose_batch(
     free: int | None,
     most: int | None = None,
 ) -> BatchChoice:
-    """The largest batch up to ``requested`` (or the fast default) whose activations fit.
+    """The largest batch up to ``requested`` (or the fast default) whose images fit.
 
     ``image_bytes`` is what one image may need (``Catalogue.image_bytes``),
     ``free`` the memory there is now, None where unknown, and ``most`` the
@@ -61,8 +62,6 @@ def choose_batch(
     if fits >= wanted:
         return BatchChoice(wanted)
     if fits < 1:
-        from vggfeat.errors import VggfeatError
-
         raise VggfeatError(
             f"not enough memory for even one image at this cut: it needs about "
             f"{size_text(per_image + MARGIN_BYTES)} and {size_text(free)} is free; use a smaller "

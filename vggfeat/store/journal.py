@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from vggfeat.atomic import RESERVE_BYTES, require_space, write_atomically
+from vggfeat.atomic import RESERVE_BYTES, TEMPORARY_SUFFIX, require_space, write_atomically
 from vggfeat.errors import OutputError
 from vggfeat.store.identity import Stamp
 from vggfeat.store.layout import Layout, Rows
@@ -39,7 +39,7 @@ COMMIT_SECONDS = 30.0
 
 _PART = re.compile(r"part-(\d{4})-(\d{6})\.npz")
 #: A temporary file of shard N's writer: a part, or the shard's record of being done.
-_TEMPORARY = re.compile(r"(?:part-(\d{4})-\d{6}\.npz|shard-(\d{4})\.json)\.\d+-[0-9a-f]+\.tmp")
+_TEMPORARY = re.compile(r"(?:part-(\d{4})-\d{6}\.npz|shard-(\d{4})\.json)" + TEMPORARY_SUFFIX)
 
 
 class PartDamaged(OutputError):

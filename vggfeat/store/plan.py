@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vggfeat.atomic import Lock, fsync_folder, write_atomically
+from vggfeat.atomic import TEMPORARY_SUFFIX, Lock, fsync_folder, write_atomically
 from vggfeat.errors import OptionError, OutputError
 from vggfeat.store.hdf5 import FORMAT_VERSION, counts, open_hdf5, read_attributes
 from vggfeat.store.identity import Stamp, parts_folder
@@ -395,8 +395,8 @@ OWN_FILES = (
     "part-*.npz", "part-*.npz.damaged", "run.json", "run.json.*.claim", "work-*.json",
     "shard-*.json", "shard-*.lock", "assemble.lock", "assembling.h5",
 )  # fmt: skip
-#: The temporary name of a file being written (``atomic.temporary_name``).
-OWN_TEMPORARY = re.compile(r".+\.\d+-[0-9a-f]{8}\.tmp")
+#: The name of a file being written (``atomic.temporary_name``).
+OWN_TEMPORARY = re.compile(".+" + TEMPORARY_SUFFIX)
 
 
 def remove_folder(folder: Path) -> list[str]:
