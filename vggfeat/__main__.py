@@ -25,12 +25,25 @@ def main() -> None:
             # exits (Python restores the default handlers then), with nothing to keep.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            _forget_caught_interrupts()
     except KeyboardInterrupt:
         sys.stderr.write("Stopped.\n")
         sys.exit(130)
     except Terminated:
         sys.stderr.write("Stopped.\n")
         sys.exit(143)
+
+
+def _forget_caught_interrupts() -> None:
+    """Keep the exit status the command chose after a Ctrl-C it handled.
+
+    CPython marks a KeyboardInterrupt that leaves code run from a string (the
+    methods ``dataclasses`` and ``namedtuple`` generate, at import) as
+    unhandled, even when it is caught further up, and then ends the process by
+    SIGINT when it exits, instead of with the status asked for. Running a string
+    that completes clears the mark.
+    """
+    exec("pass", {})
 
 
 if __name__ == "__main__":
