@@ -166,7 +166,8 @@ def test_fvecs_and_paths_to_a_file_aligned_with_the_rows(flat, tmp_path):
     target, names = tmp_path / "out.fvecs", tmp_path / "paths.txt"
     result = run(str(flat), "--layer", "conv1_1", "-o", str(target), "--paths-to", str(names))
     assert result.exit_code == 0, result.stderr
-    assert f"Wrote {target}: {len(paths)} rows of conv1_1 (64 float32) as fvecs" in result.stderr
+    wrote = f"Wrote {target}: {len(paths)} rows of conv1_1 (avg, 64 float32) as fvecs"
+    assert wrote in result.stderr
     np.testing.assert_array_equal(read_fvecs(target.read_bytes()), values)
     lines = names.read_text().splitlines()
     assert [tsv_unescape(line) for line in lines] == paths

@@ -32,11 +32,20 @@ ray = pytest.importorskip("ray", reason="Ray comes with the 'test' extra")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-OPTIONS = {"layers": ["pool1"], "pool": "avg", "image_size": 32, "weights": "random"}
+#: Two heads on one layer, one with a parameter: the actors receive the cuts as the driver
+#: made them.
+OPTIONS = {
+    "layers": ["pool1", "pool1:gem"],
+    "pool": "avg",
+    "head_parameters": {"gem_p": 2.5},
+    "image_size": 32,
+    "weights": "random",
+}
 #: Seconds of --stall-timeout: far longer than starting a network actor takes on 2 cores
 #: that another test file keeps busy (over 20 s has been seen).
 STALL = 120
-FLAGS = ["--layer", "pool1", "--pool", "avg", "--image-size", "32", "--weights", "random"]
+FLAGS = ["--layer", "pool1", "--layer", "pool1:gem", "--gem-p", "2.5", "--pool", "avg"]
+FLAGS += ["--image-size", "32", "--weights", "random"]
 
 
 def make_photos(folder: Path, count: int, broken: int = 3) -> Path:
@@ -66,16 +75,17 @@ def photos(tmp_path_factory):
     return images, reference
 
 
-def assert_same_file(output: Path, reference: Path, layer: str = "pool1", rtol=1e-5) -> None:
+def assert_same_file(output: Path, reference: Path, rtol=1e-5) -> None:
     """The same rows, failures and features; ``rtol`` 1e-4 where JAX computed one of them."""
     got, expected = vggfeat.load(output), vggfeat.load(reference)
     assert absolute_paths(got.paths, output) == absolute_paths(expected.paths, reference)
     assert absolute_paths(got.failed, output) == absolute_paths(expected.failed, reference)
     assert list(got.failed.values()) == list(expected.failed.values())
-    values = expected.features[layer]
-    np.testing.assert_allclose(
-        got.features[layer], values, rtol=rtol, atol=rtol * np.abs(values).max()
-    )
+    assert list(got.features) == list(expected.features) == ["pool1", "pool1:gem"]
+    for layer, values in expected.features.items():
+        np.testing.assert_allclose(
+            got.features[layer], values, rtol=rtol, atol=rtol * np.abs(values).max()
+        )
 
 
 def command(images: Path, output: Path, *extra: str) -> list[str]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from vggfeat.errors import ImageSizeError, UnknownLayerError
+from vggfeat.heads import HEADS
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -45,8 +46,6 @@ TOP_IMAGE_SIZE = 224
 #: The smallest input that leaves pool5 a 1x1 map (Keras's own minimum).
 MIN_IMAGE_SIZE = 32
 
-POOLINGS = ("none", "avg", "max")
-
 LayerKind = Literal["conv", "pool", "flatten", "dense"]
 
 
@@ -69,6 +68,11 @@ class Layer:
         return self.kind in ("flatten", "dense")
 
     @property
+    def has_map(self) -> bool:
+        """Whether the output is a map over space, (H, W, C), that a head may pool."""
+        return self.kind in ("conv", "pool")
+
+    @property
     def has_weights(self) -> bool:
         return self.kind in ("conv", "dense")
 
@@ -84,11 +88,12 @@ class LayerFacts:
     macs: int
     """Multiply-adds per image."""
 
-    def feature_size(self, pool: str) -> int:
-        """Values stored per image for this layer under a pooling mode."""
-        if self.layer.kind in ("conv", "pool") and pool != "none":
-            return self.output_shape[-1]
-        return math.prod(self.output_shape)
+    def feature_size(self, head: str) -> int:
+        """Values stored per image for this layer under the head named ``head``
+        (a fully connected layer has none)."""
+        if not self.layer.has_map:
+            return math.prod(self.output_shape)
+        return math.prod(HEADS[head].shape(self.output_shape))
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,11 @@ from typing import Any
 import click
 
 from vggfeat import terminal
-from vggfeat.architecture import DEPTHS, POOLINGS, TOP_IMAGE_SIZE, Architecture, Catalogue, vgg
+from vggfeat.architecture import DEPTHS, TOP_IMAGE_SIZE, Architecture, Catalogue, vgg
 from vggfeat.engine import ENGINES, EngineOptions, engine_options, option_names
 from vggfeat.errors import OptionError, VggfeatError
 from vggfeat.export import FORMATS, NORMALIZATIONS, tsv_field
+from vggfeat.heads import HEADS, SEPARATOR, parameter_options
 from vggfeat.images import RESIZE_MODES
 from vggfeat.network import PRECISIONS
 from vggfeat.ray_engine import STALL_SECONDS
@@ -167,6 +168,26 @@ def choice_option(
     )
 
 
+def head_options(command: Decorated) -> Decorated:
+    """``--pool`` and an option for each parameter of each head (``--gem-p``), from the table."""
+    for key, (head, parameter) in reversed(parameter_options().items()):
+        command = click.option(
+            f"--{key.replace('_', '-')}",
+            key,
+            type=int if parameter.integer else float,
+            metavar="N" if parameter.integer else "X",
+            help=f"{parameter.help}, for --pool {head.name}.  [default: {parameter.default:g}]",
+        )(command)
+    shown = "; ".join(f"{head.name}: {head.summary}" for head in HEADS.values())
+    return click.option(
+        "--pool",
+        type=click.Choice(tuple(HEADS), case_sensitive=False),
+        default="none",
+        show_default=True,
+        help=f"The head of each conv or pool layer (fully connected ones have none). {shown}.",
+    )(command)
+
+
 def image_size_option(command: Decorated) -> Decorated:
     return click.option(
         "--image-size",
@@ -243,7 +264,7 @@ def _info_facts(architecture: Architecture, catalogue: Catalogue) -> dict[str, A
                 "output_shape": list(facts.output_shape),
                 "params": facts.params,
                 "macs": facts.macs,
-                "feature_size": {pool: facts.feature_size(pool) for pool in POOLINGS},
+                "feature_size": {head: facts.feature_size(head) for head in HEADS},
             }
             for facts in catalogue.layers
         ],
@@ -269,10 +290,18 @@ def _print_info(architecture: Architecture, catalogue: Catalogue) -> None:
     table.add_column("layer")
     table.add_column("alias")
     table.add_column("output")
-    for column in ("params", "mult-adds", "features", "avg/max"):
+    for column in ("params", "mult-adds", "features"):
         table.add_column(column, justify="right")
+    # One column per size a head gives: heads that give every layer the same size share one.
+    columns: dict[tuple[int, ...], list[str]] = {}
+    for head in HEADS:
+        if head != "none":
+            sizes = tuple(facts.feature_size(head) for facts in catalogue.layers)
+            columns.setdefault(sizes, []).append(head)
+    for heads in columns.values():
+        table.add_column("pooled" if len(columns) == 1 else "/".join(heads), justify="right")
     for facts in catalogue.layers:
-        pooled = facts.feature_size("avg")
+        pooled = [f"{facts.feature_size(heads[0]):,}" for heads in columns.values()]
         table.add_row(
             facts.layer.name,
             facts.layer.alias,
@@ -280,7 +309,7 @@ def _print_info(architecture: Architecture, catalogue: Catalogue) -> None:
             f"{facts.params:,}",
             _giga(facts.macs),
             f"{facts.feature_size('none'):,}",
-            f"{pooled:,}" if facts.layer.kind in ("conv", "pool") else "",
+            *(pooled if facts.layer.has_map else [""] * len(pooled)),
         )
     console.print(table)
     console.print(
@@ -293,6 +322,10 @@ def _print_info(architecture: Architecture, catalogue: Catalogue) -> None:
         + ", ".join(facts.layer.alias for facts in catalogue.layers)
         + ", or the Keras name of any layer above."
     )
+    listed = "; ".join(f"{head.name}: {head.summary}" for head in HEADS.values())
+    console.print(f"Heads of conv and pool layers (--pool, or --layer NAME:HEAD): {listed}.")
+    if len(columns) == 1:
+        console.print(f"pooled: the features per image of {', '.join(*columns.values())}.")
     status = _weights_status(architecture)
     if not status:
         console.print(
@@ -356,7 +389,7 @@ def show(file: str, list_failed: bool, as_json: bool) -> None:
     for layer in facts["layers"]:
         click.echo(
             f"  {layer['name']}: {'x'.join(map(str, layer['shape']))} {layer['dtype']}, "
-            f"Keras layer {layer['keras_layer']}, pooling {layer['pooling']}, "
+            f"Keras layer {layer['keras_layer']}, head {layer['pooling']}, "
             f"{layer['bytes_on_disk'] / 1e6:,.1f} MB on disk"
         )
     for key, value in facts["attributes"].items():
@@ -483,6 +516,8 @@ def export(
         click.echo(f"Stopped.{written}", err=True)
         sys.exit(ExitCode.TERMINATED if isinstance(stop, Terminated) else ExitCode.INTERRUPTED)
     shape = "x".join(map(str, exported.shape))
+    if exported.pooling != "none":
+        shape = f"{exported.pooling}, {shape}"
     for line in exported.damaged:
         click.echo(f"Note: {line}; the rows it holds are not in the export.", err=True)
     if exported.pending:
@@ -546,12 +581,11 @@ def devices(as_json: bool) -> None:
     multiple=True,
     default=["fc7"],
     show_default=True,
-    metavar="NAME",
-    help="Cut point: fc7, pool5, conv5_3, ... or a Keras name; repeat for several in one pass.",
+    metavar="NAME[:HEAD]",
+    help="Cut point: fc7, pool5, conv5_3, ... or a Keras name; repeat for several in one pass. "
+    f"A head after it (pool5{SEPARATOR}gem) is that layer's own, instead of --pool's.",
 )
-@choice_option(
-    "--pool", POOLINGS, "Pool conv maps over space: none stores (N, H, W, C), avg/max store (N, C)."
-)
+@head_options
 @click.option(
     "--weights",
     default="imagenet",
@@ -699,6 +733,8 @@ def extract(
     Examples:
       vggfeat extract photos/ -o features.h5
       vggfeat extract photos/ --layer pool5 --pool avg --precision mixed
+      vggfeat extract photos/ --layer pool5 --pool rmac --image-size 448
+      vggfeat extract photos/ --layer pool5:gem --layer pool5:rmac --layer fc7
       vggfeat extract photos/ --layer fc6 --layer fc7 --dtype float16
       find photos -newer last-run | vggfeat extract --files-from - -o new.h5
       vggfeat extract photos/ --update --prune     # bring features.h5 up to date
@@ -710,6 +746,8 @@ def extract(
     from vggfeat.pipeline import extract as run_extract
     from vggfeat.store import PruneEverything
 
+    given = {key: options.pop(key) for key in parameter_options()}
+    options["head_parameters"] = {key: value for key, value in given.items() if value is not None}
     if not inputs and files_from is None:
         raise click.UsageError("give at least one INPUT folder or file, or --files-from")
     try:

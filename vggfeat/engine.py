@@ -34,12 +34,11 @@ class Job:
     """Everything an engine needs to decode images and build the network, anywhere."""
 
     depth: int
-    layers: tuple[str, ...]
-    """The layers to cut at, by the names the output's datasets have."""
+    cuts: tuple[Cut, ...]
+    """The layers to cut at, named as the output's datasets are, each with its head."""
     image_size: int
     batch_size: int | None
     """Images per network call; None: the largest that is fast and fits in memory."""
-    pool: str
     weights: str
     """``imagenet``, ``random`` or a path."""
     seed: int
@@ -53,19 +52,15 @@ class Job:
     compute_dtype: str
     """What the layers compute in, as the output's settings say."""
 
-    def cuts(self) -> list[Cut]:
-        architecture = vgg(self.depth)
-        return [Cut(name, architecture.layer(name)) for name in self.layers]
-
     def feature_shapes(self) -> list[tuple[int, ...]]:
         """Each layer's per-image feature shape, as stored."""
         catalogue = vgg(self.depth).catalogue(self.image_size)
-        return [cut.feature_shape(catalogue, self.pool) for cut in self.cuts()]
+        return [cut.feature_shape(catalogue) for cut in self.cuts]
 
     def image_bytes(self) -> int:
         """Bytes one image may take in the network at its peak (``Catalogue.image_bytes``)."""
         catalogue = vgg(self.depth).catalogue(self.image_size)
-        return catalogue.image_bytes([cut.layer for cut in self.cuts()])
+        return catalogue.image_bytes([cut.layer for cut in self.cuts])
 
     def decode(self, path: str) -> Decoded | Failure:
         return decode_image(path, self.image_size, self.resize, self.max_pixels)  # type: ignore[arg-type]

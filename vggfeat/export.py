@@ -30,7 +30,8 @@ import numpy as np
 from vggfeat.architecture import vgg
 from vggfeat.atomic import try_lock
 from vggfeat.errors import OptionError, OutputError, VggfeatError
-from vggfeat.store import FeatureFile, open_features, output_path, parts_folder
+from vggfeat.store import FeatureFile, LayerSpec, open_features, output_path, parts_folder
+from vggfeat.store.layout import canonical_label
 
 #: About this many bytes of features are read, converted and written at a time.
 CHUNK_BYTES = 16 << 20
@@ -47,6 +48,8 @@ class Exported:
     dtype: str
     format: str
     pending: int
+    pooling: str = "none"
+    """The layer's head, as the file records it: ``gem(p=3, eps=1e-06)``."""
     """Of ``rows``, those committed by a run that has not finished yet."""
     damaged: tuple[str, ...] = ()
     """A line for each part of an unfinished run left out as damaged."""
@@ -58,9 +61,12 @@ class _Writer:
     binary_values = False
     """Whether the values are raw bytes, not text, so a terminal is no place for them."""
 
-    def __init__(self, out: _Named, layer: str, shape: tuple[int, ...], options: _Options):
+    def __init__(
+        self, out: _Named, layer: LayerSpec, shape: tuple[int, ...], options: _Options
+    ) -> None:
         self.out = out
-        self.layer = layer
+        self.layer = layer.name
+        self.pooling = layer.pooling
         self.shape = shape
         self.width = math.prod(shape)
         self.options = options
@@ -181,7 +187,11 @@ class _Parquet(_Writer):
         pa, parquet = _pyarrow()
         fields = [pa.field("path", pa.string())] if self.options.paths else []
         fields.append(pa.field(self.layer, pa.list_(pa.float32(), self.width)))
-        metadata = {"vggfeat.layer": self.layer, "vggfeat.shape": json.dumps(list(self.shape))}
+        metadata = {
+            "vggfeat.layer": self.layer,
+            "vggfeat.pooling": self.pooling,
+            "vggfeat.shape": json.dumps(list(self.shape)),
+        }
         self.schema = pa.schema(fields, metadata=metadata)
         self.writer = parquet.ParquetWriter(self.out, self.schema)
 
@@ -262,7 +272,7 @@ def export(
         writer_type = FORMATS[format]
         paths_output = _written(paths_to) if paths_to is not None else contextlib.nullcontext()
         with _written(out) as stream, paths_output as paths_stream:
-            writer = writer_type(stream, name, shape, _Options(paths, header))
+            writer = writer_type(stream, file.layers[name], shape, _Options(paths, header))
             stored = np.dtype(file.attributes.get("dtype", "float32"))
             dtype = np.dtype(np.float32) if normalize else writer.dtype(stored)
             rows = len(column)
@@ -287,7 +297,16 @@ def export(
             for written in (stream, paths_stream):
                 if written is not None:
                     written.flush()
-        return Exported(rows, name, shape, str(dtype), format, file.pending, tuple(file.damaged))
+        return Exported(
+            rows,
+            name,
+            shape,
+            str(dtype),
+            format,
+            file.pending,
+            file.layers[name].pooling,
+            tuple(file.damaged),
+        )
 
 
 def _formatted(values: np.ndarray, separator: str, json: bool = False) -> list[str]:
@@ -327,11 +346,14 @@ def _choose_layer(file: FeatureFile, layer: str | None) -> str:
     if layer in names:
         return layer
     with contextlib.suppress(VggfeatError, KeyError, ValueError):
-        # Any name of the same Keras layer: fc2 for fc7, block5_pool for pool5, and back.
-        keras_name = vgg(int(file.attributes["depth"])).layer(layer).name
-        for name, spec in file.layers.items():
-            if spec.keras_layer == keras_name:
-                return name
+        # Any name of the same Keras layer and head: fc2 for fc7, block5_pool:GeM for
+        # pool5:gem, and back.
+        architecture = vgg(int(file.attributes["depth"]))
+        wanted = canonical_label(architecture, layer)
+        for name in names:
+            with contextlib.suppress(VggfeatError):
+                if canonical_label(architecture, name) == wanted:
+                    return name
     close = difflib.get_close_matches(layer, names, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}? " if close else ""
     raise OptionError(f"--layer {layer}: {hint}{file.path} holds {', '.join(names)}")

@@ -61,9 +61,8 @@ class LocalEngine:
         fast and fits in the memory left."""
         network = CutNetwork(
             vgg(job.depth),
-            job.cuts(),
+            list(job.cuts),
             job.image_size,
-            job.pool,
             job.weights,
             job.seed,
             job.precision,

@@ -3,9 +3,9 @@
 uint8 pixels go in; the Caffe preprocessing the ImageNet weights expect
 (RGB to BGR, minus the ImageNet mean, no scaling, as
 ``keras.applications.vgg16.preprocess_input`` does), the network up to the
-deepest requested layer, the optional spatial pooling and the cast back to
-float32 all run inside one compiled function (``tf.function`` or
-``jax.jit``), traced once: the last, short batch is padded rather than
+deepest requested layer, the cast back to float32 and each cut's head
+(``vggfeat.heads``) all run inside one compiled function (``tf.function``
+or ``jax.jit``), traced once: the last, short batch is padded rather than
 traced again.
 """
 
@@ -21,6 +21,7 @@ import numpy as np
 
 from vggfeat.architecture import Architecture, Catalogue, Layer
 from vggfeat.errors import VggfeatError
+from vggfeat.heads import NO_POOLING, Pooling
 from vggfeat.runtime import (
     BACKEND_NAMES,
     backend_version,
@@ -46,19 +47,16 @@ PREPROCESSING = (
 
 @dataclass(frozen=True)
 class Cut:
-    """One requested output: the name the user typed and the layer it means."""
+    """One requested output: its dataset's name, the layer it means and the head on its map
+    (a fully connected layer's is ``none``)."""
 
     label: str
     layer: Layer
+    pooling: Pooling = NO_POOLING
 
-    def pools(self, pool: str) -> bool:
-        """Whether ``pool`` applies: only convolutional maps are pooled."""
-        return pool != "none" and self.layer.kind in ("conv", "pool")
-
-    def feature_shape(self, catalogue: Catalogue, pool: str) -> tuple[int, ...]:
-        """The shape of one image's features: the layer's output, or its channels if pooled."""
-        shape = catalogue.facts(self.layer).output_shape
-        return shape[-1:] if self.pools(pool) else shape
+    def feature_shape(self, catalogue: Catalogue) -> tuple[int, ...]:
+        """The shape of one image's features: the layer's output through the head."""
+        return self.pooling.shape(catalogue.facts(self.layer).output_shape)
 
 
 def compute_dtype(precision: str, device: str, backend: str) -> str:
@@ -92,7 +90,6 @@ class CutNetwork:
         architecture: Architecture,
         cuts: list[Cut],
         image_size: int,
-        pool: str = "none",
         weights: str | os.PathLike | PreparedWeights = "imagenet",
         seed: int = 0,
         precision: str = "float32",
@@ -105,7 +102,6 @@ class CutNetwork:
         self.device = choose_device(self.backend, device)
         self.cuts = cuts
         self.image_size = image_size
-        self.pool = pool
         self.on_gpu = self.device.kind == "gpu"
         self.compute_dtype = compute or compute_dtype(precision, self.device.kind, self.backend)
         policy = None if self.compute_dtype == "float32" else f"mixed_{self.compute_dtype}"
@@ -151,7 +147,8 @@ class CutNetwork:
                 self._compiled = self._compile_jax(shape)
 
     def _forward(self, outputs_of: Callable[[Any], Any], pixels: Any) -> list[Any]:
-        """Caffe preprocessing, the model, then each cut's head; runs once per trace."""
+        """Caffe preprocessing, the model, then each cut's head in float32 (pow, sqrt and
+        sums of squares lose too much in float16); runs once per trace."""
         import keras
 
         self._traces += 1
@@ -162,14 +159,10 @@ class CutNetwork:
         outputs = outputs_of(bgr)
         if not isinstance(outputs, list | tuple):
             outputs = [outputs]
-        pooling = {"avg": ops.mean, "max": ops.max}
-        features = []
-        for cut, output in zip(self.cuts, outputs, strict=True):
-            output = ops.cast(output, "float32")
-            if cut.pools(self.pool):
-                output = pooling[self.pool](output, axis=(1, 2))
-            features.append(output)
-        return features
+        return [
+            cut.pooling(ops.cast(output, "float32"))
+            for cut, output in zip(self.cuts, outputs, strict=True)
+        ]
 
     def _compile_tensorflow(self, shape: tuple[int, ...]) -> Compiled:
         tf = library("tensorflow")

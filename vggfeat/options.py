@@ -10,14 +10,23 @@ itself, whose own options are a dataclass of the engine's.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vggfeat.architecture import POOLINGS, TOP_IMAGE_SIZE, Architecture, Layer, vgg
+from vggfeat.architecture import TOP_IMAGE_SIZE, Architecture, Layer, vgg
 from vggfeat.engine import EngineOptions, Job, engine_options
 from vggfeat.errors import OptionError
+from vggfeat.heads import (
+    HEADS,
+    NO_POOLING,
+    SEPARATOR,
+    Number,
+    Pooling,
+    parameter_options,
+    split_label,
+)
 from vggfeat.images import RESIZE_MODES
 from vggfeat.network import PRECISIONS, Cut
 from vggfeat.runtime import BACKENDS, default_backend
@@ -33,7 +42,11 @@ class ExtractOptions:
     """Everything ``vggfeat extract`` takes, checked and in canonical form.
 
     ``layers`` become the layers' canonical names (``FC7`` and ``fc2`` are
-    ``fc7``); ``files_from`` is read into a tuple of lines once; ``shard`` may
+    ``fc7``), each with the head of its own it names, if any (``pool5:gem``);
+    ``pool`` is the head of every other conv or pool layer, given as a
+    ``Pooling`` or its text (``gem``, ``gem(p=4)``); ``head_parameters`` are
+    the heads' parameters, keyed as their options (``{"gem_p": 4}`` for
+    ``--gem-p 4``); ``files_from`` is read into a tuple of lines once; ``shard`` may
     be given as ``"K/N"`` and ``engine`` as a name. ``batch_size`` None picks
     the largest batch that is fast and fits in memory.
     """
@@ -42,7 +55,8 @@ class ExtractOptions:
     output: str = "features.h5"
     depth: int = 16
     layers: tuple[str, ...] = ("fc7",)
-    pool: str = "none"
+    pool: Pooling = NO_POOLING
+    head_parameters: Mapping[str, Number] = field(default_factory=dict)
     weights: str = "imagenet"
     seed: int = 0
     batch_size: int | None = None
@@ -76,12 +90,16 @@ class ExtractOptions:
         ):
             if not isinstance(flag, bool):
                 raise OptionError(f"{option} {flag!r} is not True or False")
+        parameters = _head_parameters(self.head_parameters)
+        pool = self.pool if isinstance(self.pool, Pooling) else Pooling.parse(self.pool, parameters)
         self._normalize(
+            head_parameters=parameters,
+            pool=pool,
+            layers=_labels(vgg(self.depth), self.layers, pool),
             inputs=_paths(self.inputs),
             output=_path("--output", self.output),
             weights=_path("--weights", self.weights),
             files_from=_lines(self.files_from),
-            layers=_canonical(vgg(self.depth), self.layers),
             backend=_text("--backend", self.backend or default_backend()).strip().lower(),
             device=_device(self.device),
             batch_size=None if self.batch_size == "auto" else self.batch_size,
@@ -91,7 +109,6 @@ class ExtractOptions:
         if not isinstance(self.engine, EngineOptions):
             raise OptionError(f"engine {self.engine!r} is not an engine's name or options")
         for option, value, allowed in (
-            ("pool", self.pool, POOLINGS),
             ("resize", self.resize, RESIZE_MODES),
             ("precision", self.precision, PRECISIONS),
             ("dtype", self.dtype, STORED_DTYPES),
@@ -108,7 +125,9 @@ class ExtractOptions:
             ("--seed", self.seed, 0, SEEDS - 1),
         ):
             _check_number(option, number, least, most)
-        vgg(self.depth).check_image_size([cut.layer for cut in self.cuts()], self.image_size)
+        cuts = self.cuts()
+        vgg(self.depth).check_image_size([cut.layer for cut in cuts], self.image_size)
+        _check_parameters_used(self.head_parameters, cuts)
         _check_output_name(self.output)
 
     def _normalize(self, **values: Any) -> None:
@@ -138,7 +157,16 @@ class ExtractOptions:
         return vgg(self.depth)
 
     def cuts(self) -> list[Cut]:
-        return [Cut(name, self.architecture.layer(name)) for name in self.layers]
+        """Each layer asked for, with its head: its own, else ``pool`` (a map's only)."""
+        cuts = []
+        for label in self.layers:
+            name, own = split_label(label)
+            layer = self.architecture.layer(name)
+            pooling = NO_POOLING
+            if layer.has_map:
+                pooling = self.pool if own is None else Pooling.parse(own, self.head_parameters)
+            cuts.append(Cut(label, layer, pooling))
+        return cuts
 
     @property
     def deepest(self) -> Layer:
@@ -151,15 +179,10 @@ class ExtractOptions:
         return any(cut.layer.is_top for cut in self.cuts())
 
     def layer_specs(self) -> tuple[LayerSpec, ...]:
-        """The output's datasets: per layer, its name, Keras layer, pooling and shape."""
+        """The output's datasets: per layer, its name, Keras layer, head and shape."""
         catalogue = self.architecture.catalogue(self.image_size)
         return tuple(
-            LayerSpec(
-                cut.label,
-                cut.layer.name,
-                self.pool if cut.pools(self.pool) else "none",
-                cut.feature_shape(catalogue, self.pool),
-            )
+            LayerSpec(cut.label, cut.layer.name, str(cut.pooling), cut.feature_shape(catalogue))
             for cut in self.cuts()
         )
 
@@ -169,7 +192,8 @@ class ExtractOptions:
         return Settings(
             depth=self.depth,
             layers=self.layers,
-            pooling=self.pool,
+            pooling=str(self.pool),
+            heads=tuple(str(cut.pooling) for cut in self.cuts()),
             weights=weights.kind,
             weights_file=weights.file,
             weights_sha256=weights.sha256,
@@ -180,14 +204,17 @@ class ExtractOptions:
             dtype=self.dtype,
         )
 
-    def job(self, layers: Sequence[str], compute_dtype: str) -> Job:
-        """The engine's job, for the layers as the output names them."""
+    def job(self, datasets: Sequence[LayerSpec], compute_dtype: str) -> Job:
+        """The engine's job, for the datasets as the output has them."""
+        architecture = self.architecture
         return Job(
             depth=self.depth,
-            layers=tuple(layers),
+            cuts=tuple(
+                Cut(spec.name, architecture.layer(spec.keras_layer), Pooling.parse(spec.pooling))
+                for spec in datasets
+            ),
             image_size=self.image_size,
             batch_size=self.batch_size,
-            pool=self.pool,
             weights=self.weights,
             seed=self.seed,
             precision=self.precision,
@@ -267,21 +294,77 @@ def _lines(source: Iterable[str | bytes] | None) -> tuple[str, ...]:
     return tuple(lines)
 
 
-def _canonical(architecture: Architecture, names: Sequence[str]) -> tuple[str, ...]:
-    """Each layer's canonical name, once: another spelling of a layer given is refused."""
+def _labels(architecture: Architecture, names: Sequence[str], pool: Pooling) -> tuple[str, ...]:
+    """Each layer's canonical name, with the head of its own it names (``pool5:gem``), once:
+    another spelling of a layer and head given is refused."""
     if isinstance(names, str):
         names = (names,)
     if not names:
         raise OptionError("name at least one --layer")
-    chosen: dict[str, str] = {}
+    chosen: dict[tuple[str, str], str] = {}
+    labels = []
     for name in names:
-        layer = architecture.layer(_text("--layer", name))
-        if layer.alias in chosen:
+        written = _text("--layer", name).strip()
+        layer_name, own = split_label(written)
+        layer = architecture.layer(layer_name)
+        if own is not None:
+            own = _own_head(written, layer, own)
+        head = own or (pool.name if layer.has_map else NO_POOLING.name)
+        if (layer.alias, head) in chosen:
+            what = "layer and head" if layer.has_map else "layer"
             raise OptionError(
-                f"--layer {name.strip()} and --layer {chosen[layer.alias]} are the same layer"
+                f"--layer {written} and --layer {chosen[layer.alias, head]} are the same {what}"
             )
-        chosen[layer.alias] = name.strip()
-    return tuple(chosen)
+        chosen[layer.alias, head] = written
+        labels.append(layer.alias if own is None else f"{layer.alias}{SEPARATOR}{own}")
+    return tuple(labels)
+
+
+def _own_head(written: str, layer: Layer, head: str) -> str:
+    """The head a ``--layer NAME:HEAD`` names, checked."""
+    if not layer.has_map:
+        raise OptionError(
+            f"--layer {written}: {layer.alias} is fully connected; heads apply to conv and "
+            "pool layers, whose output is a map"
+        )
+    name = head.strip().lower()
+    if "(" in name and name.split("(")[0] in HEADS:
+        options = [f"--{key.replace('_', '-')}" for key in parameter_options()]
+        raise OptionError(
+            f"--layer {written}: give a head's parameters with its options "
+            f"({', '.join(options)}), not in --layer"
+        )
+    if name not in HEADS:
+        raise OptionError(f"--layer {written}: {head} is not one of {', '.join(HEADS)}")
+    return name
+
+
+def _head_parameters(values: Any) -> dict[str, Number]:
+    """Heads' parameters keyed as their options (``gem_p``), each checked."""
+    if not isinstance(values, Mapping):
+        raise OptionError(f"head_parameters {values!r} is not a mapping of names to numbers")
+    known = parameter_options()
+    checked = {}
+    for key, value in values.items():
+        if key not in known:
+            raise OptionError(
+                f"head parameter {key!r} is not one of {', '.join(sorted(known)) or 'none'}"
+            )
+        head, parameter = known[key]
+        checked[key] = parameter.checked(head.name, value)
+    return checked
+
+
+def _check_parameters_used(parameters: Mapping[str, Number], cuts: Sequence[Cut]) -> None:
+    """Refuse a head's parameter when no layer has that head: it would change nothing."""
+    used = {cut.pooling.name for cut in cuts}
+    for key in parameters:
+        head = parameter_options()[key][0].name
+        if head not in used:
+            raise OptionError(
+                f"--{key.replace('_', '-')} works with --pool {head} or --layer "
+                f"LAYER{SEPARATOR}{head} only, on a conv or pool layer"
+            )
 
 
 def _device(device: str | None) -> str | None:

@@ -261,9 +261,9 @@ class _Run:
         self._report()
         learnt: dict[str, object] = {"backend": self.options.backend}
         if self.total:
-            layers = writer.plan.layout.settings.layers
-            compute_dtype = writer.plan.layout.settings.compute_dtype
-            self._notice(*engine.start(self.options.job(layers, compute_dtype), self.total))
+            layout = writer.plan.layout
+            job = self.options.job(layout.layers, layout.settings.compute_dtype)
+            self._notice(*engine.start(job, self.total))
         self.first_batch = time.perf_counter()
         for work in writer.work:
             writer.begin(work.index)

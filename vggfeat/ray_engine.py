@@ -239,7 +239,7 @@ class RayEngine:
     def _results(self, batch: dict[str, np.ndarray], session: Session) -> Iterator[Result]:
         job = self.job
         assert job is not None  # run() checked
-        names = [f"features_{i}" for i in range(len(job.layers))]
+        names = [f"features_{i}" for i in range(len(job.cuts))]
         per_node = self._report.rows_per_node
         good = batch["reason"] == ""
         start = 0
@@ -281,7 +281,7 @@ class RayEngine:
 def _actor_memory(job: Job, batch: int) -> int:
     """Bytes a network actor holds: its weights twice over, the backend, a batch's activations."""
     catalogue = vgg(job.depth).catalogue(job.image_size)
-    deepest = max(catalogue.layers.index(catalogue.facts(cut.layer)) for cut in job.cuts())
+    deepest = max(catalogue.layers.index(catalogue.facts(cut.layer)) for cut in job.cuts)
     weights = sum(facts.params for facts in catalogue.layers[: deepest + 1]) * 4
     return 2 * weights + ACTOR_BASE_BYTES + batch * math.ceil(job.image_bytes() * ACTIVATION_FACTOR)
 
@@ -321,7 +321,7 @@ def _prepare_weights(job: Job) -> tuple[list[Any] | None, str]:
     if job.weights == "imagenet":
         start(job.backend)  # Keras fetches the ImageNet file; a file needs no backend here
     architecture = vgg(job.depth)
-    needs_top = any(cut.layer.is_top for cut in job.cuts())
+    needs_top = any(cut.layer.is_top for cut in job.cuts)
     prepared = PreparedWeights.read(architecture, needs_top, job.weights)
     # In a list, so that Ray passes the reference and each actor fetches it itself.
     return [ray.put(prepared), prepared.digest()], prepared.record.sha256
@@ -366,7 +366,7 @@ class _NetworkActor:
                 raise VggfeatError("the weights an actor received differ from the driver's")
         self.shapes = job.feature_shapes()
         self.network = CutNetwork(
-            vgg(job.depth), job.cuts(), job.image_size, job.pool, chosen, job.seed,
+            vgg(job.depth), list(job.cuts), job.image_size, chosen, job.seed,
             job.precision, job.backend, job.device, job.compute_dtype,
         )  # fmt: skip
         self.network.set_batch_size(job.batch_size or 1)

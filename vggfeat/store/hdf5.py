@@ -44,7 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from vggfeat.errors import OutputError
+from vggfeat.errors import OptionError, OutputError
+from vggfeat.heads import Pooling
 from vggfeat.store.identity import Stamp
 from vggfeat.store.layout import Layout, Rows
 from vggfeat.text import storable
@@ -114,7 +115,9 @@ def create(path: os.PathLike | str, layout: Layout, width: int) -> None:
                 **options,
             )
             dataset.attrs["keras_layer"] = spec.keras_layer
-            dataset.attrs["pooling"] = spec.pooling
+            head = Pooling.parse(spec.pooling)
+            for key, value in head.attributes(layout.map_shape(spec)).items():
+                dataset.attrs[key] = value
         file.create_dataset("committed", data=np.zeros(2, np.int64))
         _create_runs(file)
 
@@ -346,6 +349,16 @@ def open_hdf5(path: os.PathLike | str) -> H5File:
 def layer_names(file: H5File) -> list[str]:
     """The names of a file's feature datasets, in the order of its --layer options."""
     return list(json.loads(file.attrs["settings"])["layers"])
+
+
+def head_of(attributes: Any) -> str:
+    """A feature dataset's head as its attributes record it: ``gem(p=3, eps=1e-06)``."""
+    known = {key: attributes[key] for key in attributes if key.startswith("pooling")}
+    known = {k: v.decode() if isinstance(v, bytes) else v for k, v in known.items()}
+    try:
+        return str(Pooling.from_attributes(known))
+    except OptionError:  # a head of a later vggfeat: shown as recorded
+        return str(known.get("pooling", ""))
 
 
 def counts(file: H5File) -> tuple[int, int]:

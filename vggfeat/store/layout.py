@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from vggfeat.architecture import vgg
+from vggfeat.architecture import Architecture, vgg
 from vggfeat.errors import VggfeatError
+from vggfeat.heads import SEPARATOR, split_label
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,10 @@ class Settings:
 
     depth: int
     layers: tuple[str, ...]
-    """Each layer's dataset name: its canonical alias (``fc7``, ``pool5``) since 0.2."""
+    """Each layer's dataset name: its canonical alias (``fc7``, ``pool5``) since 0.2, and
+    the head of its own after it, if any (``pool5:gem``)."""
     pooling: str
+    """``--pool``: the head of every map without one of its own (``gem(p=3, eps=1e-06)``)."""
     weights: str
     weights_file: str
     weights_sha256: str
@@ -34,6 +37,9 @@ class Settings:
     resize: str
     compute_dtype: str
     dtype: str
+    heads: tuple[str, ...] = ()
+    """Each dataset's head, in ``layers``' order: ``none`` for a fully connected layer.
+    Empty in a file written before heads had parameters, where ``pooling`` says it."""
 
     def differences(self, other: Settings, where: str = "in the file") -> list[str]:
         """Each setting that differs, as '--option our-value in the file, other-value now'.
@@ -42,18 +48,42 @@ class Settings:
         ``fc2`` and ``fc7`` are one layer), and in any order.
         """
         ours, theirs = self._compared(), other._compared()
-        return [
-            f"{_OPTIONS[key]} {_shown(ours[key])} {where}, {_shown(theirs[key])} now"
-            for key in ours
-            if ours[key] != theirs[key]
-        ]
+        found = []
+        for key in ours:
+            if key == "heads":
+                found += [
+                    f"--pool {head} for {name} {where}, {theirs[key][name]} now"
+                    for name, head in ours[key].items()
+                    if theirs[key].get(name, head) != head
+                ]
+            elif ours[key] != theirs[key]:
+                found.append(
+                    f"{_OPTIONS[key]} {_shown(ours[key])} {where}, {_shown(theirs[key])} now"
+                )
+        return found
 
     def _compared(self) -> dict[str, Any]:
         values = asdict(self)
         values["layers"] = canonical_layers(self.depth, self.layers)
+        # Each dataset's head is what decides its numbers; --pool only chose them.
+        del values["pooling"]
+        names = _canonical_each(self.depth, self.layers)
+        values["heads"] = dict(zip(names, self.each_head(), strict=False))  # a damaged file's too
         if self.weights != "random":
             del values["seed"]  # a seed means nothing to other weights
         return values
+
+    def each_head(self) -> tuple[str, ...]:
+        """Each dataset's head, also for a file of before ``heads``: there ``pooling``, on
+        a layer with a map."""
+        if self.heads:
+            return self.heads
+        try:
+            architecture = vgg(self.depth)
+            maps = [architecture.layer(split_label(name)[0]).has_map for name in self.layers]
+        except (VggfeatError, TypeError):
+            maps = [True] * len(self.layers)
+        return tuple(self.pooling if has_map else "none" for has_map in maps)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Settings:
@@ -65,19 +95,39 @@ class Settings:
 
 
 def canonical_layers(depth: int, layers: tuple[str, ...]) -> tuple[str, ...]:
-    """The layers' canonical names in network order; a name vggfeat does not know stays."""
+    """The datasets' canonical names in network order; a name vggfeat does not know stays."""
     try:
         architecture = vgg(depth)
-        found = {architecture.layer(name) for name in layers}
-    except (VggfeatError, TypeError):
+        order = {layer.alias: index for index, layer in enumerate(architecture.layers)}
+        return tuple(
+            sorted(
+                _canonical_each(depth, layers),
+                key=lambda label: (order[split_label(label)[0]], label),
+            )
+        )
+    except (VggfeatError, TypeError, KeyError):
         return tuple(sorted(layers))
-    return tuple(layer.alias for layer in architecture.layers if layer in found)
+
+
+def _canonical_each(depth: int, layers: tuple[str, ...]) -> tuple[str, ...]:
+    """Each dataset's canonical name (``pool5`` for ``block5_pool``), in the order given."""
+    try:
+        architecture = vgg(depth)
+        return tuple(canonical_label(architecture, label) for label in layers)
+    except (VggfeatError, TypeError):
+        return layers
+
+
+def canonical_label(architecture: Architecture, label: str) -> str:
+    """A dataset's name with its layer's canonical name: ``pool5:gem`` for ``block5_pool:gem``."""
+    name, own = split_label(label)
+    alias = architecture.layer(name).alias
+    return alias if own is None else f"{alias}{SEPARATOR}{own.strip().lower()}"
 
 
 _OPTIONS = {
     "depth": "--depth",
     "layers": "--layer",
-    "pooling": "--pool",
     "weights": "--weights",
     "weights_file": "weights file",
     "weights_sha256": "weights SHA-256",
@@ -95,11 +145,13 @@ def _shown(value: Any) -> str:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One dataset of the output: its name, the Keras layer, pooling, and per-image shape."""
+    """One dataset of the output: its name, the Keras layer, head, and per-image shape."""
 
     name: str
     keras_layer: str
     pooling: str
+    """The head with its parameters: ``gem(p=3, eps=1e-06)``; ``none`` for a fully
+    connected layer."""
     shape: tuple[int, ...]
 
 
@@ -118,12 +170,20 @@ class Layout:
         if stored.layers == self.settings.layers:
             return self
         architecture = vgg(stored.depth)
-        by_layer = {spec.keras_layer: spec for spec in self.layers}
+        by_name = {canonical_label(architecture, spec.name): spec for spec in self.layers}
         layers = tuple(
-            replace(by_layer[architecture.layer(name).name], name=name) for name in stored.layers
+            replace(by_name[canonical_label(architecture, name)], name=name)
+            for name in stored.layers
         )
-        settings = replace(self.settings, layers=stored.layers)
+        heads = tuple(spec.pooling for spec in layers)
+        settings = replace(self.settings, layers=stored.layers, heads=heads)
         return Layout(settings, layers, self.compression, self.attributes)
+
+    def map_shape(self, spec: LayerSpec) -> tuple[int, ...]:
+        """The shape of the map a dataset's head is given: its layer's output per image."""
+        architecture = vgg(self.settings.depth)
+        catalogue = architecture.catalogue(self.settings.image_size)
+        return catalogue.facts(architecture.layer(spec.keras_layer)).output_shape
 
     @property
     def row_bytes(self) -> int:

@@ -23,6 +23,7 @@ from vggfeat.errors import OptionError, OutputError
 from vggfeat.store.hdf5 import (
     counts,
     decode_strings,
+    head_of,
     layer_names,
     open_hdf5,
     read_attributes,
@@ -125,7 +126,7 @@ class FeatureFile:
         self.damaged: list[str] = []
         """A line for each part of an unfinished run left out as damaged."""
         self.layers: dict[str, LayerSpec] = {}
-        """Each layer: its Keras layer, pooling and per-image shape."""
+        """Each layer: its Keras layer, head (``gem(p=3, eps=1e-06)``) and per-image shape."""
         plan = read_plan(parts_folder(path), path)
         # Parts are listed before the file is read: a run appending a part to the file
         # deletes the part after, so every row is then in one or the other (or both,
@@ -165,7 +166,7 @@ class FeatureFile:
                 self.layers[name] = LayerSpec(
                     name,
                     _text(dataset.attrs.get("keras_layer", "")),
-                    _text(dataset.attrs.get("pooling", "")),
+                    head_of(dataset.attrs),
                     dataset.shape[1:],
                 )
         except (OSError, KeyError, RuntimeError, ValueError) as error:
