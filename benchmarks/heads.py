@@ -1,9 +1,15 @@
 """The retrieval heads: what GeM and R-MAC cost end to end, and a retrieval check without downloads.
 
-    python benchmarks/heads.py                   # both parts, about 15 minutes on 2 cores
+    python benchmarks/heads.py                   # every part, about 30 minutes on 2 cores
+    python benchmarks/heads.py --part network    # each head in the network, and alone
     python benchmarks/heads.py --part cost       # --pool avg, gem and rmac at pool5
     python benchmarks/heads.py --part retrieval  # recall@1 of edited copies
     python benchmarks/heads.py --profile smoke   # seconds
+
+**Network.** In one process, the compiled network to pool5 with each head
+on one ready batch, the heads taking turns batch by batch so that the
+machine's drift falls on all alike; and each head alone, compiled, on the
+maps it is given (pool5 at 224 and at 448), which is what it adds to a batch.
 
 **Cost.** ``vggfeat extract --layer pool5 --pool HEAD`` at 224x224 in steady
 state, by the suite's difference method (two sizes of run, each twice, the
@@ -30,6 +36,7 @@ import dataclasses
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -43,6 +50,70 @@ from run import PROFILES, ROOT, SAMPLES, make_folder, show_and_record, timed_ext
 HEADS = ("avg", "gem", "rmac")
 #: The retrieval check's descriptors: one pass, each a dataset of the same file.
 DESCRIPTORS = ("fc7", "pool5:avg", "pool5:max", "pool5:gem", "pool5:rmac")
+
+
+def network(profile_name: str) -> list[str]:
+    """Images/s of the network to pool5 under each head, turn by turn; each head alone."""
+    import tensorflow as tf
+
+    from vggfeat.architecture import vgg
+    from vggfeat.heads import Pooling
+    from vggfeat.network import Cut, CutNetwork
+    from vggfeat.runtime import backend_version, describe_cpu
+
+    profile = PROFILES[profile_name]
+    architecture, size, batch = vgg(16), profile.image_size, profile.batch_size
+    layer = architecture.layer("pool5")
+    networks = {}
+    for head in HEADS:
+        networks[head] = CutNetwork(
+            architecture, [Cut("pool5", layer, Pooling.parse(head))], size, weights="random"
+        )
+        networks[head].set_batch_size(batch)
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8)
+    seconds: dict[str, list[float]] = {head: [] for head in HEADS}
+    for head in HEADS:
+        networks[head](pixels)  # the first call of each is not timed
+    for _ in range(profile.network_batches):
+        for head in HEADS:
+            started = time.perf_counter()
+            networks[head](pixels)
+            seconds[head].append(time.perf_counter() - started)
+    alone: dict[tuple[str, int], float] = {}
+    for side in (size // 32, size // 16):
+        maps = np.random.default_rng(1).random((batch, side, side, 512), np.float32)
+        for head in HEADS:
+            pooling = Pooling.parse(head)
+            compiled = tf.function(lambda x, pooling=pooling: pooling(x), jit_compile=False)
+            compiled(maps)
+            started = time.perf_counter()
+            for _ in range(50):
+                compiled(maps).numpy()
+            alone[head, side] = (time.perf_counter() - started) / 50
+    rates = {head: batch / float(np.median(times)) for head, times in seconds.items()}
+    batch_ms = {head: 1000 * float(np.median(times)) for head, times in seconds.items()}
+    small, large = size // 32, size // 16
+    lines = [
+        f"## Heads: in the network, profile {profile_name}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"{describe_cpu()}; TensorFlow {backend_version('tensorflow')}, float32. VGG16 to "
+        f"pool5 at {size}x{size}, batches of {batch}, random weights: the median of "
+        f"{profile.network_batches} batches per head, heads taking turns. Alone: the head "
+        f"compiled on its own, on a batch of {batch} maps of {small}x{small}x512 (pool5 at "
+        f"{size}) and of {large}x{large}x512 (pool5 at {2 * size}), the mean of 50 calls.",
+        "",
+        f"| head | network (images/s) | x avg | head alone, {small}x{small} (ms) | "
+        f"head alone, {large}x{large} (ms) | head / batch |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for head in HEADS:
+        share = 1000 * alone[head, small] / batch_ms[head]
+        lines.append(
+            f"| {head} | {rates[head]:.2f} | {rates[head] / rates['avg']:.3f} | "
+            f"{1000 * alone[head, small]:.2f} | {1000 * alone[head, large]:.2f} | "
+            f"{share:.5%} |"
+        )
+    return [*lines, ""]
 
 
 def cost(profile_name: str, work: Path) -> list[str]:
@@ -156,16 +227,18 @@ def retrieval(profile_name: str, work: Path, weights: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    parser.add_argument("--part", choices=("cost", "retrieval", "both"), default="both")
+    parser.add_argument("--part", choices=("network", "cost", "retrieval", "all"), default="all")
     parser.add_argument("--weights", default="random", help="random, or a weights file")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     parser.add_argument("--no-record", action="store_true", help="print only")
     arguments = parser.parse_args()
     results = None if arguments.no_record else arguments.results
     with tempfile.TemporaryDirectory(prefix="vggfeat-heads-") as temp:
-        if arguments.part in ("cost", "both"):
+        if arguments.part in ("network", "all"):
+            show_and_record(network(arguments.profile), results)
+        if arguments.part in ("cost", "all"):
             show_and_record(cost(arguments.profile, Path(temp)), results)
-        if arguments.part in ("retrieval", "both"):
+        if arguments.part in ("retrieval", "all"):
             lines = retrieval(arguments.profile, Path(temp), arguments.weights)
             show_and_record(lines, results)
 

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 import vggfeat
 from tests.test_extract import make_images
+from vggfeat import network
 from vggfeat.cli import cli
 from vggfeat.errors import VggfeatError
 from vggfeat.heads import rmac_regions
@@ -195,12 +196,16 @@ def test_jax_computes_the_same_heads_as_tensorflow(run_112):
         )
 
 
-def test_mixed_precision_heads_point_the_same_way_as_float32(run_112):
+def test_mixed_precision_heads_point_the_same_way_as_float32(run_112, monkeypatch):
+    """The layers in bfloat16, as on a CPU with AVX512_BF16 (forced here, where a CPU
+    without it would keep float32), the heads in float32."""
+    monkeypatch.setattr(network, "cpu_has_fast_bfloat16", lambda: True)
     folder, loaded = run_112
     output = folder / "mixed.h5"
     extract([folder / "photos"], output, layers=LAYERS_112, head_parameters={"gem_p": 4.5},
             precision="mixed", **OPTIONS_112)  # fmt: skip
     mixed = vggfeat.load(output)
+    assert mixed.attributes["compute_dtype"] == "bfloat16"
     for name in LAYERS_112:
         if name.endswith(":none"):
             continue
@@ -292,6 +297,11 @@ def test_show_and_export_name_the_head(gem_file, tmp_path):
     assert result.exit_code == 0, result.output
     assert "3 rows of pool4:rmac (rmac(levels=3), 512 float32) as npy" in result.output
     np.testing.assert_array_equal(np.load(target), vggfeat.load(output).features["pool4:rmac"])
+    # pool4 holds GeM (--pool gem): pool4:gem finds it too.
+    result = CliRunner().invoke(
+        cli, ["export", str(output), "--layer", "pool4:gem", "-o", str(target)]
+    )
+    assert "3 rows of pool4 (gem(p=3, eps=1e-06), 512 float32)" in result.output
     pytest.importorskip("pyarrow", reason="pyarrow comes with the 'test' extra")
     import pyarrow.parquet as parquet
 
@@ -315,6 +325,7 @@ def test_bad_heads_are_usage_errors_before_any_backend_starts(tmp_path):
         ["extract", image, "--layer", "pool5:spoc"],
         ["extract", image, "--layer", "pool5", "--layer", "block5_pool:AVG", "--pool", "avg"],
         ["extract", image, "--pool", "sum"],
+        ["extract", image, "--layer", "pool5:"],
     ]
     probe = (
         "import sys, json\n"
@@ -332,15 +343,51 @@ def test_bad_heads_are_usage_errors_before_any_backend_starts(tmp_path):
     codes, errors = zip(*(json.loads(answer) for answer in answers), strict=True)
     assert set(codes) == {2}, answers
     errors = [lines[0] for lines in errors]
-    assert errors[0] == "Error: --gem-p must be from 0.1 to 100, not 0.0"
+    assert errors[0] == "Error: --gem-p must be from 0.1 to 100, not 0"
     assert errors[1] == "Error: --gem-p must be from 0.1 to 100, not nan"
     assert errors[2] == "Error: --rmac-levels must be from 1 to 10, not 0"
-    assert errors[3].startswith("Error: --gem-p works with --pool gem or --layer LAYER:gem only")
+    assert errors[3] == (
+        "Error: --gem-p changes nothing: no conv or pool layer has the gem head "
+        "(--pool gem, or --layer LAYER:gem)"
+    )
     assert errors[4] == errors[3]
-    assert errors[5].startswith("Error: --layer fc7:gem: fc7 is fully connected")
+    assert errors[5].startswith("Error: --layer fc7:gem: fc7 has no map over space to pool")
     assert errors[6].startswith("Error: --layer pool5:gem(p=4): give a head's parameters with")
-    assert errors[7] == "Error: --layer pool5:spoc: spoc is not one of none, avg, max, gem, rmac"
+    assert errors[7] == f"Error: --layer pool5:spoc: spoc is not one of {HEADS}"
     assert (
         errors[8] == "Error: --layer block5_pool:AVG and --layer pool5 are the same layer and head"
     )
     assert "'sum' is not one of 'none', 'avg', 'max', 'gem', 'rmac'" in errors[9]
+    assert errors[10] == "Error: --layer pool5: names no head after ':': give one of " + HEADS
+
+
+HEADS = "none, avg, max, gem, rmac"
+
+
+def test_the_api_refuses_parameters_given_twice_or_of_the_wrong_kind():
+    common = {"layers": ["pool5"], "weights": "random", "image_size": 32}
+    refused = [
+        ({"pool": "gem(p=4)", "head_parameters": {"gem_p": 5}}, "disagree"),
+        ({"pool": "gem", "head_parameters": {"gem_p": "4"}}, "--gem-p '4' is not a number"),
+        ({"pool": "rmac", "head_parameters": {"rmac_levels": 2.0}}, "is not a whole number"),
+        ({"pool": "gem", "head_parameters": {"gem_q": 2}}, "'gem_q' is not one of"),
+        ({"pool": 3}, "--pool 3 is not a head's name"),
+    ]
+    for options, message in refused:
+        with pytest.raises(VggfeatError, match=message):
+            vggfeat.ExtractOptions.make(["photos"], "f.h5", **common, **options)
+    same = vggfeat.ExtractOptions.make(["photos"], "f.h5", **common, pool="gem(p=4)",
+                                       head_parameters={"gem_p": 4.0})  # fmt: skip
+    assert str(same.pool) == "gem(p=4, eps=1e-06)"
+
+
+def test_info_lists_the_heads_and_the_features_each_gives():
+    facts = json.loads(CliRunner().invoke(cli, ["info", "--image-size", "112", "--json"]).output)
+    assert [head["name"] for head in facts["heads"]] == HEADS.split(", ")
+    gem = facts["heads"][3]["parameters"]
+    assert gem["p"] == {"option": "--gem-p", "default": 3.0, "least": 0.1, "most": 100.0}
+    by_alias = {layer["alias"]: layer["feature_size"] for layer in facts["layers"]}
+    assert by_alias["conv5_3"] == {"none": 7 * 7 * 512, "avg": 512, "max": 512, "gem": 512,
+                                   "rmac": 512}  # fmt: skip
+    text = CliRunner().invoke(cli, ["info", "--image-size", "112"]).output
+    assert "rmac: R-MAC, the sum of regional maxima" in text

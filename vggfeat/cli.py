@@ -176,7 +176,8 @@ def head_options(command: Decorated) -> Decorated:
             key,
             type=int if parameter.integer else float,
             metavar="N" if parameter.integer else "X",
-            help=f"{parameter.help}, for --pool {head.name}.  [default: {parameter.default:g}]",
+            help=f"{parameter.help}, {parameter.bounds}; for --pool {head.name} and "
+            f"--layer NAME{SEPARATOR}{head.name}.  [default: {parameter.default:g}]",
         )(command)
     shown = "; ".join(f"{head.name}: {head.summary}" for head in HEADS.values())
     return click.option(
@@ -264,13 +265,32 @@ def _info_facts(architecture: Architecture, catalogue: Catalogue) -> dict[str, A
                 "output_shape": list(facts.output_shape),
                 "params": facts.params,
                 "macs": facts.macs,
-                "feature_size": {head: facts.feature_size(head) for head in HEADS},
+                "feature_size": {
+                    head: facts.feature_size(head)
+                    for head in (HEADS if facts.layer.has_map else ["none"])
+                },
             }
             for facts in catalogue.layers
         ],
         "total_params": catalogue.params,
         "total_macs": catalogue.macs,
         "cut_points": [facts.layer.alias for facts in catalogue.layers],
+        "heads": [
+            {
+                "name": head.name,
+                "summary": head.summary,
+                "parameters": {
+                    parameter.name: {
+                        "option": f"--{head.name}-{parameter.name}",
+                        "default": parameter.default,
+                        "least": parameter.least,
+                        "most": parameter.most,
+                    }
+                    for parameter in head.parameters
+                },
+            }
+            for head in HEADS.values()
+        ],
         "imagenet_weights": _weights_status(architecture),
     }
 

@@ -30,6 +30,7 @@ import numpy as np
 from vggfeat.architecture import vgg
 from vggfeat.atomic import try_lock
 from vggfeat.errors import OptionError, OutputError, VggfeatError
+from vggfeat.heads import split_label
 from vggfeat.store import FeatureFile, LayerSpec, open_features, output_path, parts_folder
 from vggfeat.store.layout import canonical_label
 
@@ -346,17 +347,34 @@ def _choose_layer(file: FeatureFile, layer: str | None) -> str:
     if layer in names:
         return layer
     with contextlib.suppress(VggfeatError, KeyError, ValueError):
-        # Any name of the same Keras layer and head: fc2 for fc7, block5_pool:GeM for
-        # pool5:gem, and back.
-        architecture = vgg(int(file.attributes["depth"]))
-        wanted = canonical_label(architecture, layer)
-        for name in names:
-            with contextlib.suppress(VggfeatError):
-                if canonical_label(architecture, name) == wanted:
-                    return name
+        found = _same_layer(file, layer)
+        if found is not None:
+            return found
     close = difflib.get_close_matches(layer, names, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}? " if close else ""
     raise OptionError(f"--layer {layer}: {hint}{file.path} holds {', '.join(names)}")
+
+
+def _same_layer(file: FeatureFile, layer: str) -> str | None:
+    """The dataset ``layer`` means under another spelling: ``fc2`` for ``fc7``,
+    ``block5_pool:GeM`` for ``pool5:gem``, and ``pool5:gem`` for a ``pool5`` that
+    ``--pool gem`` made. None if none; ``OptionError`` if the layer has several."""
+    architecture = vgg(int(file.attributes["depth"]))
+    wanted = canonical_label(architecture, layer)
+    canonical = {canonical_label(architecture, name): name for name in file.layers}
+    if wanted in canonical:
+        return canonical[wanted]
+    base, head = split_label(wanted)
+    same = [name for label, name in canonical.items() if split_label(label)[0] == base]
+    if head is not None:
+        by_head = [n for n in same if file.layers[n].pooling.split("(")[0] == head]
+        return by_head[0] if len(by_head) == 1 else None
+    if len(same) > 1:
+        raise OptionError(
+            f"--layer {layer}: {file.path} holds {len(same)} datasets of {base} "
+            f"({', '.join(same)}): choose one"
+        )
+    return None
 
 
 def _chunks(rows: int, row_bytes: int, budget: int) -> Iterator[tuple[int, int]]:

@@ -50,21 +50,30 @@ class Parameter:
     most: Number
     integer: bool = False
 
+    @property
+    def bounds(self) -> str:
+        return f"{self.least:g} to {self.most:g}"
+
     def checked(self, head: str, value: Any) -> Number:
-        """``value`` as this parameter's type, or ``OptionError`` naming its option."""
+        """``value``, a number of this parameter's kind within its bounds, or
+        ``OptionError`` naming its option."""
         option = f"--{head}-{self.name}"
-        kind = "a whole number" if self.integer else "a number"
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
+        kinds = (int,) if self.integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            kind = "a whole number" if self.integer else "a number"
             raise OptionError(f"{option} {value!r} is not {kind}")
+        if not (math.isfinite(value) and self.least <= value <= self.most):
+            raise OptionError(f"{option} must be from {self.bounds}, not {value:g}")
+        return int(value) if self.integer else float(value)
+
+    def read(self, head: str, text: str) -> Number:
+        """The parameter as written in a head's text: ``4`` in ``gem(p=4)``."""
         try:
-            number: Number = int(value) if self.integer else float(value)
+            number: Number = int(text) if self.integer else float(text)
         except ValueError:
-            raise OptionError(f"{option} {value} is not {kind}") from None
-        if self.integer and isinstance(value, float) and value != number:
-            raise OptionError(f"{option} {value} is not {kind}")
-        if not (math.isfinite(number) and self.least <= number <= self.most):
-            raise OptionError(f"{option} must be from {self.least:g} to {self.most:g}, not {value}")
-        return number
+            kind = "a whole number" if self.integer else "a number"
+            raise OptionError(f"--{head}-{self.name} {text} is not {kind}") from None
+        return self.checked(head, number)
 
 
 Maps = Any
@@ -189,7 +198,7 @@ HEADS: dict[str, Head] = {
             "GeM, the generalized mean over space",
             (
                 Parameter("p", 3.0, "GeM's exponent: 1 is avg, larger tends to max", 0.1, 100.0),
-                Parameter("eps", 1e-6, "GeM's floor for activations", 1e-12, 1.0),
+                Parameter("eps", 1e-6, "GeM's floor under activations", 1e-12, 1.0),
             ),
             True,
             _generalized_mean,
@@ -246,28 +255,29 @@ class Pooling:
             for key, value in (defaults or {}).items()
             if key.startswith(f"{name}_")
         }
+        values = {
+            parameter.name: parameter.checked(name, given.get(parameter.name, parameter.default))
+            for parameter in head.parameters
+        }
         written = match.group(2) if match else None
         if written is not None and written.strip():
-            known = [parameter.name for parameter in head.parameters]
+            by_name = {parameter.name: parameter for parameter in head.parameters}
             for item in written.split(","):
                 key, _, value = item.partition("=")
                 key = key.strip().lower()
-                if key not in known or not value.strip():
-                    hint = f"takes {', '.join(known)}" if known else "takes no parameters"
+                if key not in by_name or not value.strip():
+                    hint = f"takes {', '.join(by_name)}" if by_name else "takes no parameters"
                     raise OptionError(
                         f"--pool {text.strip()}: {name} {hint}, as {name}(name=value)"
                     )
-                given[key] = value.strip()
-        return cls(
-            name,
-            tuple(
-                (
-                    parameter.name,
-                    parameter.checked(name, given.get(parameter.name, parameter.default)),
-                )
-                for parameter in head.parameters
-            ),
-        )
+                number = by_name[key].read(name, value.strip())
+                if key in given and given[key] != number:
+                    raise OptionError(
+                        f"--pool {text.strip()} and --{name}-{key} {given[key]:g} disagree; "
+                        "give the parameter once"
+                    )
+                values[key] = number
+        return cls(name, tuple(values.items()))
 
     def shape(self, map_shape: tuple[int, ...]) -> tuple[int, ...]:
         return self.head.shape(map_shape)

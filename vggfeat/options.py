@@ -91,7 +91,7 @@ class ExtractOptions:
             if not isinstance(flag, bool):
                 raise OptionError(f"{option} {flag!r} is not True or False")
         parameters = _head_parameters(self.head_parameters)
-        pool = self.pool if isinstance(self.pool, Pooling) else Pooling.parse(self.pool, parameters)
+        pool = _pool(self.pool, parameters)
         self._normalize(
             head_parameters=parameters,
             pool=pool,
@@ -320,14 +320,31 @@ def _labels(architecture: Architecture, names: Sequence[str], pool: Pooling) -> 
     return tuple(labels)
 
 
+def _pool(pool: Any, parameters: Mapping[str, Number]) -> Pooling:
+    """``--pool`` as a ``Pooling``; its parameters given twice, and otherwise, refused."""
+    if not isinstance(pool, Pooling):
+        return Pooling.parse(pool, parameters)
+    for name, value in pool.values:
+        given = parameters.get(f"{pool.name}_{name}", value)
+        if given != value:
+            raise OptionError(
+                f"--pool {pool} and --{pool.name}-{name} {given:g} disagree; give it once"
+            )
+    return pool
+
+
 def _own_head(written: str, layer: Layer, head: str) -> str:
     """The head a ``--layer NAME:HEAD`` names, checked."""
+    name = head.strip().lower()
+    if not name:
+        raise OptionError(
+            f"--layer {written} names no head after '{SEPARATOR}': give one of {', '.join(HEADS)}"
+        )
     if not layer.has_map:
         raise OptionError(
-            f"--layer {written}: {layer.alias} is fully connected; heads apply to conv and "
-            "pool layers, whose output is a map"
+            f"--layer {written}: {layer.alias} has no map over space to pool; heads apply "
+            "to conv and pool layers"
         )
-    name = head.strip().lower()
     if "(" in name and name.split("(")[0] in HEADS:
         options = [f"--{key.replace('_', '-')}" for key in parameter_options()]
         raise OptionError(
@@ -362,8 +379,8 @@ def _check_parameters_used(parameters: Mapping[str, Number], cuts: Sequence[Cut]
         head = parameter_options()[key][0].name
         if head not in used:
             raise OptionError(
-                f"--{key.replace('_', '-')} works with --pool {head} or --layer "
-                f"LAYER{SEPARATOR}{head} only, on a conv or pool layer"
+                f"--{key.replace('_', '-')} changes nothing: no conv or pool layer has the "
+                f"{head} head (--pool {head}, or --layer LAYER{SEPARATOR}{head})"
             )
 
 
