@@ -252,9 +252,9 @@ def test_a_continued_run_with_another_head_or_parameter_is_refused(gem_file):
         extract([folder / "photos", folder / "more"], copy, pool="gem",
                 head_parameters={"gem_p": 4, "rmac_levels": 2}, **common)  # fmt: skip
     message = str(refused.value)
-    assert "--pool gem(p=3, eps=1e-06) for pool4 in the file, gem(p=4, eps=1e-06) now" in message
-    assert "--pool rmac(levels=3) for pool4:rmac in the file, rmac(levels=2) now" in message
-    with pytest.raises(VggfeatError, match=r"--pool gem\(.*\) for pool4 in the file, avg now"):
+    assert "the head of pool4 gem(p=3, eps=1e-06) in the file, gem(p=4, eps=1e-06) now" in message
+    assert "the head of pool4:rmac rmac(levels=3) in the file, rmac(levels=2) now" in message
+    with pytest.raises(VggfeatError, match=r"the head of pool4 gem\(.*\) in the file, avg now"):
         extract([folder / "photos"], copy, pool="avg", **common)
     # The same heads, spelt otherwise (block4_pool:RMAC, gem(p=3)), continue the file.
     spelt = {"layers": ["block4_pool:RMAC", "pool4"], "image_size": 32, "weights": "random"}
@@ -276,7 +276,7 @@ def test_a_file_from_before_head_parameters_continues(tmp_path):
     make_images(tmp_path / "photos" / "more", 3, size=32, seed=5)
     done = extract([tmp_path / "photos"], output, **options)
     assert done.computed == 3
-    with pytest.raises(VggfeatError, match="--pool avg for pool1 in the file, max now"):
+    with pytest.raises(VggfeatError, match="the head of pool1 avg in the file, max now"):
         extract([tmp_path / "photos"], output, **{**options, "pool": "max"})
 
 
@@ -377,8 +377,14 @@ def test_the_api_refuses_parameters_given_twice_or_of_the_wrong_kind():
         with pytest.raises(VggfeatError, match=message):
             vggfeat.ExtractOptions.make(["photos"], "f.h5", **common, **options)
     same = vggfeat.ExtractOptions.make(["photos"], "f.h5", **common, pool="gem(p=4)",
-                                       head_parameters={"gem_p": 4.0})  # fmt: skip
+                                       head_parameters={"gem_p": np.float32(4)})  # fmt: skip
     assert str(same.pool) == "gem(p=4, eps=1e-06)"
+    levels = {"pool": "rmac", "head_parameters": {"rmac_levels": np.int64(2)}}
+    assert str(vggfeat.ExtractOptions.make(["photos"], "f.h5", **common, **levels).pool) == (
+        "rmac(levels=2)"
+    )
+    with pytest.raises(TypeError):  # frozen, as every option is
+        same.head_parameters["gem_p"] = 1000
 
 
 def test_info_lists_the_heads_and_the_features_each_gives():

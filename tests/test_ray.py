@@ -274,6 +274,14 @@ def test_kill_9_a_lost_actor_and_sigterm_cost_nothing_and_leave_nothing_running(
     assert second.returncode == 143, stderr
     assert stdout == ""  # Ray's messages never reach stdout
     assert "Completed work is kept in" in stderr
+    # Ray's stream was ended before Ray was shut down: nothing reached for Ray after the
+    # stop (a stream left to the garbage collector started a new instance, left running).
+    after = stderr.split("Completed work is kept in")[-1]
+    assert "Ray instance" not in after and "Exception ignored" not in stderr, stderr
+    deadline = time.monotonic() + 60
+    while (left := adopted()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, list(left.values())
 
     # What Ray committed is finished by the local engine (it starts in seconds, not 20).
     local = [*run[: run.index("--engine")], *run[run.index("--engine") + 2 :]]

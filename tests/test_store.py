@@ -131,7 +131,7 @@ def test_an_unfinished_run_of_other_settings_is_named_not_silently_blocking(tmp_
         extract([tmp_path / "photos"], output, **OPTIONS)
     message = str(refused.value)
     assert "unfinished run with --overwrite with other settings" in message
-    assert "--pool max for pool1 in the unfinished run, avg now" in message
+    assert "the head of pool1 max in the unfinished run, avg now" in message
     assert f"delete {output}.parts" in message
     assert "finish it first (vggfeat extract photos -o a.h5 --pool max --overwrite)" in message
     assert listing(tmp_path) == before

@@ -369,6 +369,8 @@ def _same_layer(file: FeatureFile, layer: str) -> str | None:
     if head is not None:
         by_head = [n for n in same if file.layers[n].pooling.split("(")[0] == head]
         return by_head[0] if len(by_head) == 1 else None
+    if len(same) == 1:  # conv5_3 for the file's one conv5_3 dataset, conv5_3:none
+        return same[0]
     if len(same) > 1:
         raise OptionError(
             f"--layer {layer}: {file.path} holds {len(same)} datasets of {base} "

@@ -21,6 +21,7 @@ eps=1e-06)``: what a file records and a continued run must match.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -58,13 +59,17 @@ class Parameter:
         """``value``, a number of this parameter's kind within its bounds, or
         ``OptionError`` naming its option."""
         option = f"--{head}-{self.name}"
-        kinds = (int,) if self.integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            kind = "a whole number" if self.integer else "a number"
-            raise OptionError(f"{option} {value!r} is not {kind}")
-        if not (math.isfinite(value) and self.least <= value <= self.most):
-            raise OptionError(f"{option} must be from {self.bounds}, not {value:g}")
-        return int(value) if self.integer else float(value)
+        kind = numbers.Integral if self.integer else numbers.Real  # NumPy's scalars too
+        if isinstance(value, bool) or not isinstance(value, kind):
+            named = "a whole number" if self.integer else "a number"
+            raise OptionError(f"{option} {value!r} is not {named}")
+        try:
+            number: Number = round(float(value)) if self.integer else float(value)
+        except OverflowError:
+            raise OptionError(f"{option} must be from {self.bounds}, not {value}") from None
+        if not (math.isfinite(number) and self.least <= number <= self.most):
+            raise OptionError(f"{option} must be from {self.bounds}, not {number:g}")
+        return number
 
     def read(self, head: str, text: str) -> Number:
         """The parameter as written in a head's text: ``4`` in ``gem(p=4)``."""

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from vggfeat.architecture import TOP_IMAGE_SIZE, Architecture, Layer, vgg
@@ -356,12 +357,12 @@ def _own_head(written: str, layer: Layer, head: str) -> str:
     return name
 
 
-def _head_parameters(values: Any) -> dict[str, Number]:
+def _head_parameters(values: Any) -> Mapping[str, Number]:
     """Heads' parameters keyed as their options (``gem_p``), each checked."""
     if not isinstance(values, Mapping):
         raise OptionError(f"head_parameters {values!r} is not a mapping of names to numbers")
     known = parameter_options()
-    checked = {}
+    checked: dict[str, Number] = {}
     for key, value in values.items():
         if key not in known:
             raise OptionError(
@@ -369,7 +370,7 @@ def _head_parameters(values: Any) -> dict[str, Number]:
             )
         head, parameter = known[key]
         checked[key] = parameter.checked(head.name, value)
-    return checked
+    return MappingProxyType(checked)  # read-only, as the rest of the options are
 
 
 def _check_parameters_used(parameters: Mapping[str, Number], cuts: Sequence[Cut]) -> None:

@@ -16,13 +16,13 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vggfeat.engine import Engine
+from vggfeat.engine import Engine, Result
 from vggfeat.images import RESAMPLING, Failure, discover, pixel_limit
 from vggfeat.interrupts import Terminated, stopping_on_signals
 from vggfeat.network import PREPROCESSING
@@ -289,6 +289,16 @@ class _Run:
 
     def _take(self, engine: Engine, writer: RunWriter, paths: list[str]) -> None:
         results = iter(engine.run(paths))
+        try:
+            self._take_each(engine, writer, results)
+        finally:
+            # Ended now, while the engine is up. Left to the garbage collector after the
+            # engine is closed, a Ray stream reaches for Ray and starts a new instance.
+            close = getattr(results, "close", None)
+            if close is not None:
+                close()
+
+    def _take_each(self, engine: Engine, writer: RunWriter, results: Iterator[Result]) -> None:
         computes_here = engine.report().computes_here
         while True:
             asked = time.perf_counter()

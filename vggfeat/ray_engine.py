@@ -17,6 +17,7 @@ its own, and ``ray_reaper.py`` ends it with the driver, even after ``kill -9``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -223,12 +224,15 @@ class RayEngine:
         try:
             with watchdog:
                 batches = iter(computed.iter_batches(batch_size=None, batch_format="numpy"))
-                while True:
-                    with watchdog.waiting():
-                        batch = next(batches, None)
-                    if batch is None:
-                        return
-                    yield from self._results(batch, session)
+                try:
+                    while True:
+                        with watchdog.waiting():
+                            batch = next(batches, None)
+                        if batch is None:
+                            return
+                        yield from self._results(batch, session)
+                finally:
+                    _end_stream(batches)
         except KeyboardInterrupt:
             if not watchdog.stalled:
                 raise
@@ -325,6 +329,18 @@ def _prepare_weights(job: Job) -> tuple[list[Any] | None, str]:
     prepared = PreparedWeights.read(architecture, needs_top, job.weights)
     # In a list, so that Ray passes the reference and each actor fetches it itself.
     return [ray.put(prepared), prepared.digest()], prepared.record.sha256
+
+
+def _end_stream(batches: Iterator[Any]) -> None:
+    """End Ray Data's stream of batches while Ray is up: stopped midway and left to the
+    garbage collector, it would reach for Ray after shutdown and start a new instance."""
+    import ray
+
+    close = getattr(batches, "close", None)
+    if close is not None:
+        # A stream cut short may complain as it ends; the run is stopping anyway.
+        with contextlib.suppress(ray.exceptions.RayError, ValueError):
+            close()
 
 
 def _decode_batch(batch: dict[str, np.ndarray], job: Job) -> dict[str, np.ndarray]:

@@ -52,7 +52,7 @@ class Settings:
         for key in ours:
             if key == "heads":
                 found += [
-                    f"--pool {head} for {name} {where}, {theirs[key][name]} now"
+                    f"the head of {name} {head} {where}, {theirs[key][name]} now"
                     for name, head in ours[key].items()
                     if theirs[key].get(name, head) != head
                 ]
