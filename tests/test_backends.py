@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 import vggfeat
 from tests.test_extract import keras_features, make_images, pixels_of
+from vggfeat import network
 from vggfeat.cli import cli
 from vggfeat.pipeline import extract
 
@@ -73,7 +74,12 @@ def test_jax_features_equal_keras_applications(tmp_path, weight_files):
         )
 
 
-def test_jax_and_tensorflow_agree_on_a_pooled_conv_cut_in_both_precisions(tmp_path, weight_files):
+def test_jax_and_tensorflow_agree_on_a_pooled_conv_cut_in_both_precisions(
+    tmp_path, weight_files, monkeypatch
+):
+    # TensorFlow computes mixed in bfloat16 as on a CPU with AVX512_BF16, forced here: on
+    # a CPU without it, mixed would be float32 and the comparison could not fail.
+    monkeypatch.setattr(network, "cpu_has_fast_bfloat16", lambda: True)
     paths = make_images(tmp_path / "photos", 5, size=32)
     common = ["--layer", "conv4_2", "--pool", "avg", "--image-size", "32", "--batch-size", "2"]
     common += ["--weights", str(weight_files(16))]
@@ -100,6 +106,7 @@ def test_jax_and_tensorflow_agree_on_a_pooled_conv_cut_in_both_precisions(tmp_pa
         assert cosine.min() >= 0.999
     # XLA's CPU bfloat16 is slower than its float32: JAX keeps mixed runs on a CPU in float32.
     assert outputs["jax", "mixed"].attributes["compute_dtype"] == "float32"
+    assert outputs["tensorflow", "mixed"].attributes["compute_dtype"] == "bfloat16"
 
 
 def test_a_backend_that_is_not_installed_is_one_line_before_any_work(tmp_path):
