@@ -234,10 +234,6 @@ class Pooling:
     def head(self) -> Head:
         return HEADS[self.name]
 
-    @property
-    def pools(self) -> bool:
-        return self.head.pools
-
     def __str__(self) -> str:
         if not self.values:
             return self.name
