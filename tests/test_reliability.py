@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import os
 import re
 import resource
@@ -28,7 +29,7 @@ import vggfeat
 from tests.conftest import absolute_paths
 from vggfeat.errors import VggfeatError
 from vggfeat.network import CutNetwork
-from vggfeat.pipeline import extract
+from vggfeat.pipeline import Interrupted, extract
 
 ROOT = Path(__file__).resolve().parent.parent
 #: A cheap cut whose rows are big enough (4x4x512 float32, 32 KB) to fill a small disk.
@@ -200,6 +201,38 @@ def test_a_ctrl_c_in_generated_code_still_exits_130_not_by_the_signal(tmp_path):
         timeout=60,
     )
     assert (result.returncode, result.stderr) == (130, "Stopped.\n")
+
+
+def test_a_ctrl_c_in_a_garbage_collector_callback_still_stops_the_run(tmp_path, capsys):
+    """JAX runs a callback at every garbage collection. A Ctrl-C landing there is printed
+    by Python as 'Exception ignored' and lost (found by the random interruptions, on CI):
+    the run must stop at its next batch all the same, keep its work, print nothing."""
+    photos = make_photos(tmp_path / "photos", 8, broken=0)
+    options = {"layers": ["pool1"], "image_size": 32, "weights": "random", "batch_size": 2}
+    armed = []
+
+    def ctrl_c_in_callback(phase, info):
+        if armed and phase == "start":
+            armed.clear()
+            raise KeyboardInterrupt  # as the signal handler would, here
+
+    def arm_after_two_images(progress):
+        if progress.done >= 2 and not armed:
+            armed.append(True)
+
+    gc.callbacks.append(ctrl_c_in_callback)
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            # Allocation keeps collections coming, as a run's own does.
+            extract([photos], tmp_path / "f.h5", commit_every=2, **options,
+                    on_progress=lambda p: (arm_after_two_images(p), gc.collect()))  # fmt: skip
+    finally:
+        gc.callbacks.remove(ctrl_c_in_callback)
+    assert stopped.value.exit_code == 130
+    assert "Exception ignored" not in capsys.readouterr().err
+    assert parts_of(tmp_path / "f.h5")  # what was computed is kept
+    done = extract([photos], tmp_path / "f.h5", **options)
+    assert 0 < done.already < 8 and done.already + done.computed == 8
 
 
 def _stop_at_a_random_moment(process, output: Path, number: int, rng) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from vggfeat.engine import Engine, Result
 from vggfeat.images import RESAMPLING, Failure, discover, pixel_limit
-from vggfeat.interrupts import Terminated, stopping_on_signals
+from vggfeat.interrupts import Terminated, raise_kept_stop, stopping_on_signals
 from vggfeat.network import PREPROCESSING
 from vggfeat.options import ExtractOptions
 from vggfeat.runtime import require
@@ -301,6 +301,7 @@ class _Run:
     def _take_each(self, engine: Engine, writer: RunWriter, results: Iterator[Result]) -> None:
         computes_here = engine.report().computes_here
         while True:
+            raise_kept_stop()
             asked = time.perf_counter()
             result = next(results, None)
             if result is None:
