@@ -31,6 +31,7 @@ from vggfeat.architecture import vgg
 from vggfeat.atomic import try_lock
 from vggfeat.errors import OptionError, OutputError, VggfeatError
 from vggfeat.heads import split_label
+from vggfeat.interrupts import raise_kept_stop
 from vggfeat.store import FeatureFile, LayerSpec, open_features, output_path, parts_folder
 from vggfeat.store.layout import canonical_label
 
@@ -281,6 +282,7 @@ def export(
             # Text takes several times the room of the values while it is formatted.
             budget = CHUNK_BYTES // (1 if writer.binary_values else 8)
             for start, stop in _chunks(rows, math.prod(shape) * dtype.itemsize, budget):
+                raise_kept_stop()  # a Ctrl-C that landed where it could not be raised
                 try:
                     values = np.asarray(column[start:stop])
                     chunk_paths = file.paths[start:stop]
