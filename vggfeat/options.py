@@ -322,16 +322,9 @@ def _labels(architecture: Architecture, names: Sequence[str], pool: Pooling) -> 
 
 
 def _pool(pool: Any, parameters: Mapping[str, Number]) -> Pooling:
-    """``--pool`` as a ``Pooling``; its parameters given twice, and otherwise, refused."""
-    if not isinstance(pool, Pooling):
-        return Pooling.parse(pool, parameters)
-    for name, value in pool.values:
-        given = parameters.get(f"{pool.name}_{name}", value)
-        if given != value:
-            raise OptionError(
-                f"--pool {pool} and --{pool.name}-{name} {given:g} disagree; give it once"
-            )
-    return pool
+    """``--pool`` as a ``Pooling``, from one or its text; a parameter given both there and
+    in ``parameters`` with another value is refused (``Pooling.parse`` checks)."""
+    return Pooling.parse(str(pool) if isinstance(pool, Pooling) else pool, parameters)
 
 
 def _own_head(written: str, layer: Layer, head: str) -> str:
