@@ -4,6 +4,9 @@ One table of convolutions per block (configurations A, B, D and E of
 Simonyan & Zisserman, 2015) yields every network: its layers with their Keras
 names and paper/Caffe aliases, the catalogue of shapes, parameters and
 multiply-adds at an input size, the valid cut points, and the Keras model.
+With batch norm (torchvision's ``vgg16_bn``), each convolution is followed
+by a BatchNormalization in inference mode, and the convolution's ReLU comes
+after it; a conv cut is still the output of that ReLU, where a plain VGG's is.
 
 The Keras names (``block1_conv1`` ... ``block5_pool``, ``flatten``, ``fc1``,
 ``fc2``, ``predictions``) are those of ``keras.applications.VGG16``/``VGG19``:
@@ -46,7 +49,9 @@ TOP_IMAGE_SIZE = 224
 #: The smallest input that leaves pool5 a 1x1 map (Keras's own minimum).
 MIN_IMAGE_SIZE = 32
 
-LayerKind = Literal["conv", "pool", "flatten", "dense"]
+LayerKind = Literal["conv", "norm", "pool", "flatten", "dense"]
+#: Batch norm's epsilon in torchvision's VGGs (PyTorch's default); Keras's is 1e-3.
+BATCH_NORM_EPSILON = 1e-5
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,11 @@ class Layer:
     """Paper/Caffe name, e.g. ``conv5_3`` or ``fc7``."""
     kind: LayerKind
     width: int
-    """Output channels (conv, pool) or units (dense); 0 for flatten."""
+    """Output channels (conv, norm, pool) or units (dense); 0 for flatten."""
     activation: str | None = None
+    output: str = ""
+    """The Keras layer whose output a cut here takes, if not this one: a convolution
+    with batch norm has its ReLU after the norm (``block1_conv1_relu``)."""
 
     @property
     def is_top(self) -> bool:
@@ -74,7 +82,17 @@ class Layer:
 
     @property
     def has_weights(self) -> bool:
-        return self.kind in ("conv", "dense")
+        return self.kind in ("conv", "norm", "dense")
+
+    @property
+    def is_cut_point(self) -> bool:
+        """Whether ``--layer`` may name it: a batch norm is inside its convolution's cut."""
+        return self.kind != "norm"
+
+    @property
+    def output_name(self) -> str:
+        """The Keras layer whose output is this layer's features."""
+        return self.output or self.name
 
 
 @dataclass(frozen=True)
@@ -120,6 +138,8 @@ class Catalogue:
             layer = facts.layer
             if layer.kind == "conv":
                 shapes[layer.name] = [(3, 3, previous[-1], layer.width), (layer.width,)]
+            elif layer.kind == "norm":
+                shapes[layer.name] = [(layer.width,)] * 4  # scale, shift, mean, variance
             elif layer.kind == "dense":
                 shapes[layer.name] = [(math.prod(previous), layer.width), (layer.width,)]
             previous = facts.output_shape
@@ -176,10 +196,12 @@ class Architecture:
 
     depth: int
     layers: tuple[Layer, ...]
+    batch_norm: bool = False
 
     @property
     def name(self) -> str:
-        return f"VGG{self.depth}"
+        """``VGG16``, or ``VGG16-BN`` with batch norm."""
+        return f"VGG{self.depth}" + ("-BN" if self.batch_norm else "")
 
     @property
     def conv_count(self) -> int:
@@ -188,17 +210,26 @@ class Architecture:
     @property
     def cut_points(self) -> tuple[str, ...]:
         """Every name ``layer()`` accepts: aliases first, then the Keras names."""
-        aliases = [layer.alias for layer in self.layers]
-        names = [layer.name for layer in self.layers if layer.name not in aliases]
+        cuts = [layer for layer in self.layers if layer.is_cut_point]
+        aliases = [layer.alias for layer in cuts]
+        names = [layer.name for layer in cuts if layer.name not in aliases]
         return tuple(aliases + names)
+
+    def through(self, up_to: Layer) -> tuple[Layer, ...]:
+        """The layers a network cut at ``up_to`` is made of, from the first: with batch norm,
+        a convolution's cut takes in the norm after it."""
+        end = self.layers.index(up_to) + 1
+        if end < len(self.layers) and self.layers[end].kind == "norm":
+            end += 1
+        return self.layers[:end]
 
     def layer(self, name: str) -> Layer:
         """The layer called ``name``, by Keras name or alias, in any case."""
         wanted = name.strip().lower()
         for layer in self.layers:
-            if wanted in (layer.name, layer.alias):
+            if wanted in (layer.name, layer.alias) and layer.is_cut_point:
                 return layer
-        names = [*self.cut_points, *(layer.name for layer in self.layers)]
+        names = list(self.cut_points)
         close = difflib.get_close_matches(name.strip().lower(), names, n=1, cutoff=0.6)
         guess = f"did you mean {close[0]}? " if close else ""
         raise UnknownLayerError(
@@ -261,17 +292,18 @@ class Architecture:
         self.check_image_size([up_to], image_size)
         inputs = keras.Input(shape=(image_size, image_size, 3), name="input_layer")
         x = inputs
-        for index, layer in enumerate(self.layers):
-            initialisers = (initial or {}).get(layer.name) or _glorot(seed * 1000 + index)
+        for index, layer in enumerate(self.through(up_to)):
+            initialisers = (initial or {}).get(layer.name) or _drawn(layer, seed * 1000 + index)
             x = _keras_layer(keras, layer, initialisers, dtype)(x)
-            if layer == up_to:
-                break
-        return keras.Model(inputs, x, name=f"vgg{self.depth}")
+            if layer.kind == "norm":
+                x = keras.layers.Activation("relu", name=f"{layer.name}_relu", dtype=dtype)(x)
+        return keras.Model(inputs, x, name=f"vgg{self.depth}" + ("_bn" if self.batch_norm else ""))
 
 
 @cache
-def vgg(depth: int) -> Architecture:
-    """The architecture of VGG11, 13, 16 or 19."""
+def vgg(depth: int, batch_norm: bool = False) -> Architecture:
+    """The architecture of VGG11, 13, 16 or 19, with batch norm after each convolution if
+    ``batch_norm`` (torchvision's ``vgg16_bn``)."""
     if depth not in BLOCK_DEPTHS:
         raise UnknownLayerError(
             f"there is no VGG{depth}; --depth takes {', '.join(map(str, DEPTHS))}"
@@ -280,9 +312,12 @@ def vgg(depth: int) -> Architecture:
     blocks = zip(BLOCK_DEPTHS[depth], BLOCK_WIDTHS, strict=True)
     for block, (convs, width) in enumerate(blocks, start=1):
         for index in range(1, convs + 1):
-            layers.append(
-                Layer(f"block{block}_conv{index}", f"conv{block}_{index}", "conv", width, "relu")
-            )
+            name, alias = f"block{block}_conv{index}", f"conv{block}_{index}"
+            if batch_norm:
+                layers.append(Layer(name, alias, "conv", width, None, f"{name}_bn_relu"))
+                layers.append(Layer(f"{name}_bn", f"bn{block}_{index}", "norm", width))
+            else:
+                layers.append(Layer(name, alias, "conv", width, "relu"))
         layers.append(Layer(f"block{block}_pool", f"pool{block}", "pool", width))
     layers += [
         Layer("flatten", "flatten", "flatten", 0),
@@ -290,7 +325,7 @@ def vgg(depth: int) -> Architecture:
         Layer("fc2", "fc7", "dense", FC_WIDTH, "relu"),
         Layer("predictions", "fc8", "dense", CLASSES, "softmax"),
     ]
-    return Architecture(depth, tuple(layers))
+    return Architecture(depth, tuple(layers), batch_norm)
 
 
 def _layer_cost(layer: Layer, shape: tuple[int, ...]) -> tuple[int, int, tuple[int, ...]]:
@@ -299,6 +334,9 @@ def _layer_cost(layer: Layer, shape: tuple[int, ...]) -> tuple[int, int, tuple[i
         height, width, channels = shape
         weights = 3 * 3 * channels * layer.width
         return weights + layer.width, height * width * weights, (height, width, layer.width)
+    if layer.kind == "norm":
+        # Inference folds the four numbers into one multiply-add per value.
+        return 4 * layer.width, math.prod(shape), shape
     if layer.kind == "pool":
         height, width, channels = shape
         return 0, 0, (height // 2, width // 2, channels)
@@ -315,6 +353,17 @@ def _keras_layer(
         return keras.layers.MaxPooling2D((2, 2), strides=(2, 2), name=layer.name, dtype=dtype)
     if layer.kind == "flatten":
         return keras.layers.Flatten(name=layer.name, dtype=dtype)
+    if layer.kind == "norm":
+        scale, shift, mean, variance = initialisers
+        return keras.layers.BatchNormalization(
+            epsilon=BATCH_NORM_EPSILON,
+            gamma_initializer=scale,
+            beta_initializer=shift,
+            moving_mean_initializer=mean,
+            moving_variance_initializer=variance,
+            name=layer.name,
+            dtype=dtype,
+        )
     kernel, bias = initialisers
     options = {"kernel_initializer": kernel, "bias_initializer": bias, "dtype": dtype}
     if layer.kind == "conv":
@@ -327,6 +376,13 @@ def _keras_layer(
             **options,
         )
     return keras.layers.Dense(layer.width, activation=layer.activation, name=layer.name, **options)
+
+
+def _drawn(layer: Layer, seed: int) -> Sequence[Callable | str]:
+    """A layer's random initialisers: Glorot's, or for a batch norm Keras's identity."""
+    if layer.kind == "norm":
+        return ("ones", "zeros", "zeros", "ones")
+    return _glorot(seed)
 
 
 def _glorot(seed: int) -> tuple[Callable, str]:

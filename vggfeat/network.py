@@ -1,12 +1,11 @@
 """The cut network and its heads, compiled once for one batch shape, on TensorFlow or JAX.
 
-uint8 pixels go in; the Caffe preprocessing the ImageNet weights expect
-(RGB to BGR, minus the ImageNet mean, no scaling, as
-``keras.applications.vgg16.preprocess_input`` does), the network up to the
-deepest requested layer, the cast back to float32 and each cut's head
-(``vggfeat.heads``) all run inside one compiled function (``tf.function``
-or ``jax.jit``), traced once: the last, short batch is padded rather than
-traced again.
+uint8 pixels go in; the preprocessing the weights expect
+(``vggfeat.preprocessing``: Caffe's for Keras's files, torchvision's for
+PyTorch's), the network up to the deepest requested layer, the cast back to
+float32 and each cut's head (``vggfeat.heads``) all run inside one compiled
+function (``tf.function`` or ``jax.jit``), traced once: the last, short batch
+is padded rather than traced again.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import numpy as np
 from vggfeat.architecture import Architecture, Catalogue, Layer
 from vggfeat.errors import VggfeatError
 from vggfeat.heads import NO_POOLING, Pooling
+from vggfeat.preprocessing import preprocessing as preprocessing_named
 from vggfeat.runtime import (
     BACKEND_NAMES,
     backend_version,
@@ -37,12 +37,6 @@ from vggfeat.weights import PreparedWeights, build_with_weights
 PRECISIONS = ("float32", "mixed")
 #: A network compiled for one batch shape: uint8 pixels in, one array per cut out.
 Compiled = Callable[[np.ndarray], list[np.ndarray]]
-
-#: ImageNet's mean colour in BGR order, as ``keras.applications`` subtracts it.
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-PREPROCESSING = (
-    "caffe: RGB to BGR, minus the ImageNet mean (B 103.939, G 116.779, R 123.68), no scaling"
-)
 
 
 @dataclass(frozen=True)
@@ -96,12 +90,14 @@ class CutNetwork:
         backend: str | None = None,
         device: str | None = None,
         compute: str | None = None,
+        preprocessing: str = "caffe",
     ) -> None:
         self.backend = backend or default_backend()
         keras = start(self.backend)
         self.device = choose_device(self.backend, device)
         self.cuts = cuts
         self.image_size = image_size
+        self.preprocessing = preprocessing_named(preprocessing)
         self.on_gpu = self.device.kind == "gpu"
         self.compute_dtype = compute or compute_dtype(precision, self.device.kind, self.backend)
         policy = None if self.compute_dtype == "float32" else f"mixed_{self.compute_dtype}"
@@ -112,7 +108,7 @@ class CutNetwork:
             model, self.weights = build_with_weights(
                 architecture, image_size, deepest, weights, seed, dtype=policy
             )
-            outputs = [model.get_layer(cut.layer.name).output for cut in cuts]
+            outputs = [model.get_layer(cut.layer.output_name).output for cut in cuts]
             self._model = keras.Model(model.input, outputs)
         self.batch_size = 0
         self._compiled: Compiled | None = None
@@ -147,16 +143,13 @@ class CutNetwork:
                 self._compiled = self._compile_jax(shape)
 
     def _forward(self, outputs_of: Callable[[Any], Any], pixels: Any) -> list[Any]:
-        """Caffe preprocessing, the model, then each cut's head in float32 (pow, sqrt and
-        sums of squares lose too much in float16); runs once per trace."""
+        """The weights' preprocessing, the model, then each cut's head in float32 (pow, sqrt
+        and sums of squares lose too much in float16); runs once per trace."""
         import keras
 
         self._traces += 1
         ops = keras.ops
-        bgr = ops.flip(ops.cast(pixels, "float32"), axis=-1) - ops.convert_to_tensor(
-            CAFFE_MEAN_BGR, "float32"
-        )
-        outputs = outputs_of(bgr)
+        outputs = outputs_of(self.preprocessing(pixels))
         if not isinstance(outputs, list | tuple):
             outputs = [outputs]
         return [
