@@ -26,10 +26,12 @@ from vggfeat.export import FORMATS, NORMALIZATIONS, tsv_field
 from vggfeat.heads import HEADS, SEPARATOR, parameter_options
 from vggfeat.images import RESIZE_MODES
 from vggfeat.network import PRECISIONS
+from vggfeat.preprocessing import PREPROCESSINGS
 from vggfeat.ray_engine import STALL_SECONDS
 from vggfeat.runtime import BACKENDS
 from vggfeat.store import COMMIT_IMAGES, COMPRESSIONS, STORED_DTYPES
 from vggfeat.weights import published_files
+from vggfeat.weights.pytorch_files import release
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -159,6 +161,15 @@ def depth_option(command: Decorated) -> Decorated:
     )(command)
 
 
+def batch_norm_option(command: Decorated) -> Decorated:
+    return click.option(
+        "--batch-norm",
+        is_flag=True,
+        help="The batch-norm variant (torchvision's vgg16_bn): a BatchNormalization after "
+        "each convolution, before its ReLU.",
+    )(command)
+
+
 def choice_option(
     name: str, choices: tuple[str, ...], help: str
 ) -> Callable[[Decorated], Decorated]:
@@ -217,18 +228,21 @@ def cli() -> None:
 
 @cli.command(context_settings=CONTEXT)
 @depth_option
+@batch_norm_option
 @image_size_option
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as one JSON object.")
-def info(depth: int, image_size: int, as_json: bool) -> None:
-    """Describe a VGG network: layers, shapes, costs, cut points, cached weights.
+def info(depth: int, batch_norm: bool, image_size: int, as_json: bool) -> None:
+    """Describe a VGG network: layers, shapes, costs, cut points, and the published weights
+    that fit it.
 
     \b
     Examples:
       vggfeat info
       vggfeat info --depth 19 --image-size 160
+      vggfeat info --depth 11 --batch-norm
       vggfeat info --json | jq .total_params
     """
-    architecture = vgg(depth)
+    architecture = vgg(depth, batch_norm)
     catalogue = architecture.catalogue(image_size)
     if as_json:
         click.echo(json.dumps(_info_facts(architecture, catalogue), indent=2))
@@ -252,10 +266,47 @@ def _weights_status(architecture: Architecture) -> list[dict[str, Any]]:
     return status
 
 
+def _pytorch_weights(architecture: Architecture) -> list[dict[str, Any]]:
+    """The PyTorch world's ImageNet files for a network: timm's safetensors, which
+    ``--weights timm`` fetches, and torchvision's pickle, which vggfeat reads once converted."""
+    published = release(architecture)
+    size = architecture.catalogue().params * 4  # float32, as both are published
+    cached = published.cached_path()
+    common = {"size_bytes": size, "top1": published.top1, "preprocessing": "torch"}
+    return [
+        common
+        | {
+            "source": "timm",
+            "name": published.timm_repository,
+            "file": "model.safetensors",
+            "url": published.timm_url,
+            "layout": "timm",
+            "path": str(cached),
+            "cached": cached.is_file(),
+            "use": "--weights timm ("
+            + ("cached" if cached.is_file() else "missing, downloaded on first use")
+            + f" as {cached}), or --weights PATH",
+        },
+        common
+        | {
+            "source": "torchvision",
+            "name": published.name,
+            "file": published.torchvision_file,
+            "url": published.torchvision_url,
+            "layout": "torchvision",
+            "path": None,
+            "cached": False,
+            "use": "a pickle: convert it to safetensors with torch (README, Weights), "
+            "then --weights PATH",
+        },
+    ]
+
+
 def _info_facts(architecture: Architecture, catalogue: Catalogue) -> dict[str, Any]:
     return {
         "network": architecture.name,
         "depth": architecture.depth,
+        "batch_norm": architecture.batch_norm,
         "image_size": catalogue.image_size,
         "layers": [
             {
@@ -268,13 +319,14 @@ def _info_facts(architecture: Architecture, catalogue: Catalogue) -> dict[str, A
                 "feature_size": {
                     head: facts.feature_size(head)
                     for head in (HEADS if facts.layer.has_map else ["none"])
+                    if facts.layer.is_cut_point
                 },
             }
             for facts in catalogue.layers
         ],
         "total_params": catalogue.params,
         "total_macs": catalogue.macs,
-        "cut_points": [facts.layer.alias for facts in catalogue.layers],
+        "cut_points": [facts.layer.alias for facts in catalogue.layers if facts.layer.is_cut_point],
         "heads": [
             {
                 "name": head.name,
@@ -292,6 +344,7 @@ def _info_facts(architecture: Architecture, catalogue: Catalogue) -> dict[str, A
             for head in HEADS.values()
         ],
         "imagenet_weights": _weights_status(architecture),
+        "pytorch_weights": _pytorch_weights(architecture),
     }
 
 
@@ -328,7 +381,7 @@ def _print_info(architecture: Architecture, catalogue: Catalogue) -> None:
             "x".join(map(str, facts.output_shape)),
             f"{facts.params:,}",
             _giga(facts.macs),
-            f"{facts.feature_size('none'):,}",
+            f"{facts.feature_size('none'):,}" if facts.layer.is_cut_point else "",
             *(pooled if facts.layer.has_map else [""] * len(pooled)),
         )
     console.print(table)
@@ -339,19 +392,22 @@ def _print_info(architecture: Architecture, catalogue: Catalogue) -> None:
         console.print(f"fc6, fc7 and fc8 need {TOP_IMAGE_SIZE}x{TOP_IMAGE_SIZE} input.")
     console.print(
         "Cut points (--layer): "
-        + ", ".join(facts.layer.alias for facts in catalogue.layers)
-        + ", or the Keras name of any layer above."
-    )
+        + ", ".join(facts.layer.alias for facts in catalogue.layers if facts.layer.is_cut_point)
+        + (", or the Keras name of any layer above but a batch norm." if architecture.batch_norm
+           else ", or the Keras name of any layer above.")
+    )  # fmt: skip
+    if architecture.batch_norm:
+        console.print(
+            "Batch norm: each bn row follows its convolution, before the ReLU; a conv cut is "
+            "taken after both, where a plain VGG's is."
+        )
     listed = "; ".join(f"{head.name}: {head.summary}" for head in HEADS.values())
     console.print(f"Heads of conv and pool layers (--pool, or --layer NAME:HEAD): {listed}.")
     if len(columns) == 1:
         console.print(f"pooled: the features per image of {', '.join(*columns.values())}.")
     status = _weights_status(architecture)
     if not status:
-        console.print(
-            f"ImageNet weights: Keras publishes none for {architecture.name}; "
-            "use --weights PATH or --weights random."
-        )
+        console.print(f"Keras's ImageNet weights: Keras publishes none for {architecture.name}.")
     for entry in status:
         state = (
             f"cached, {entry['size_bytes'] / 1e6:,.1f} MB"
@@ -359,6 +415,13 @@ def _print_info(architecture: Architecture, catalogue: Catalogue) -> None:
             else "missing, downloaded on first use"
         )
         console.print(f"ImageNet weights for {entry['serves']}: {entry['path']} ({state})")
+    console.print(f"PyTorch's ImageNet weights for {architecture.name} (torch preprocessing):")
+    for entry in _pytorch_weights(architecture):
+        console.print(
+            f"  {entry['source']}: {entry['name']}, {entry['file']} (about "
+            f"{entry['size_bytes'] / 1e6:,.0f} MB, top-1 {entry['top1']:.1f}%) from "
+            f"{entry['url']}; {entry['use']}"
+        )
 
 
 def _giga(count: int) -> str:
@@ -595,6 +658,7 @@ def devices(as_json: bool) -> None:
     help="The HDF5 file to write, or to continue if it exists.",
 )
 @depth_option
+@batch_norm_option
 @click.option(
     "--layer",
     "layers",
@@ -611,7 +675,15 @@ def devices(as_json: bool) -> None:
     default="imagenet",
     show_default=True,
     metavar="imagenet|random|PATH",
-    help="ImageNet weights (cached by Keras), seeded random ones, or a .h5/.weights.h5 file.",
+    help="Keras's ImageNet weights (cached by Keras), seeded random ones, or a file: Keras's "
+    ".h5/.weights.h5, or torchvision's or timm's layout as .safetensors.",
+)
+@click.option(
+    "--preprocessing",
+    type=click.Choice(PREPROCESSINGS, case_sensitive=False),
+    help="What the weights were trained with. caffe: BGR minus the ImageNet mean, 0-255; "
+    "torch: RGB scaled to 0-1, minus mean, divided by std.  [default: caffe for Keras's "
+    "files and random weights, torch for PyTorch's]",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --weights random.")
 @click.option(
@@ -756,6 +828,7 @@ def extract(
       vggfeat extract photos/ --layer pool5 --pool rmac --image-size 448
       vggfeat extract photos/ --layer pool5:gem --layer pool5:rmac --layer fc7
       vggfeat extract photos/ --layer fc6 --layer fc7 --dtype float16
+      vggfeat extract photos/ --depth 16 --batch-norm --weights vgg16_bn.safetensors
       find photos -newer last-run | vggfeat extract --files-from - -o new.h5
       vggfeat extract photos/ --update --prune     # bring features.h5 up to date
       vggfeat extract photos/ --shard 3/16         # one of 16 jobs (SLURM, cron, ...)

@@ -17,7 +17,7 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
-from vggfeat.architecture import vgg
+from vggfeat.architecture import Architecture, vgg
 from vggfeat.errors import OptionError, VggfeatError
 from vggfeat.images import Decoded, Failure, Source, decode_image
 from vggfeat.network import Cut
@@ -40,7 +40,7 @@ class Job:
     batch_size: int | None
     """Images per network call; None: the largest that is fast and fits in memory."""
     weights: str
-    """``imagenet``, ``random`` or a path."""
+    """``imagenet``, ``random`` or a path (``vggfeat.weights.SOURCES``)."""
     seed: int
     precision: str
     resize: str
@@ -51,15 +51,22 @@ class Job:
     """``cpu``, ``gpu`` or ``gpu:N``; None: the first GPU, else the CPU."""
     compute_dtype: str
     """What the layers compute in, as the output's settings say."""
+    batch_norm: bool = False
+    preprocessing: str = "caffe"
+    """``caffe`` or ``torch`` (``vggfeat.preprocessing``), as the output's settings say."""
+
+    @property
+    def architecture(self) -> Architecture:
+        return vgg(self.depth, self.batch_norm)
 
     def feature_shapes(self) -> list[tuple[int, ...]]:
         """Each layer's per-image feature shape, as stored."""
-        catalogue = vgg(self.depth).catalogue(self.image_size)
+        catalogue = self.architecture.catalogue(self.image_size)
         return [cut.feature_shape(catalogue) for cut in self.cuts]
 
     def image_bytes(self) -> int:
         """Bytes one image may take in the network at its peak (``Catalogue.image_bytes``)."""
-        catalogue = vgg(self.depth).catalogue(self.image_size)
+        catalogue = self.architecture.catalogue(self.image_size)
         return catalogue.image_bytes([cut.layer for cut in self.cuts])
 
     def decode(self, path: str) -> Decoded | Failure:

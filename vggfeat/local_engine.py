@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vggfeat.architecture import vgg
 from vggfeat.engine import Computed, EngineOptions, EngineReport, Job, Result
 from vggfeat.errors import VggfeatError
 from vggfeat.images import Decoded, Failure
@@ -60,7 +59,7 @@ class LocalEngine:
         """Build the network with its weights, then compile it for the largest batch that is
         fast and fits in the memory left."""
         network = CutNetwork(
-            vgg(job.depth),
+            job.architecture,
             list(job.cuts),
             job.image_size,
             job.weights,
@@ -69,6 +68,7 @@ class LocalEngine:
             job.backend,
             job.device,
             job.compute_dtype,
+            job.preprocessing,
         )
         free = gpu_free_bytes(network.device, job.backend) if network.on_gpu else free_bytes()
         choice = choose_batch(job.batch_size, network.device.kind, job.image_bytes(), free, images)

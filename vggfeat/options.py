@@ -30,6 +30,7 @@ from vggfeat.heads import (
 )
 from vggfeat.images import RESIZE_MODES
 from vggfeat.network import PRECISIONS, Cut
+from vggfeat.preprocessing import preprocessing
 from vggfeat.runtime import BACKENDS, default_backend
 from vggfeat.store import COMMIT_IMAGES, COMPRESSIONS, STORED_DTYPES, LayerSpec, Settings, Shard
 from vggfeat.weights import WeightsRecord
@@ -55,10 +56,12 @@ class ExtractOptions:
     inputs: tuple[str, ...] = ()
     output: str = "features.h5"
     depth: int = 16
+    batch_norm: bool = False
     layers: tuple[str, ...] = ("fc7",)
     pool: Pooling = NO_POOLING
     head_parameters: Mapping[str, Number] = field(default_factory=dict)
     weights: str = "imagenet"
+    preprocessing: str | None = None
     seed: int = 0
     batch_size: int | None = None
     image_size: int = TOP_IMAGE_SIZE
@@ -84,6 +87,7 @@ class ExtractOptions:
         for option, size in (("--depth", self.depth), ("--image-size", self.image_size)):
             _check_number(option, size, 1, None, required=True)
         for option, flag in (
+            ("--batch-norm", self.batch_norm),
             ("--overwrite", self.overwrite),
             ("--update", self.update),
             ("--prune", self.prune),
@@ -96,10 +100,11 @@ class ExtractOptions:
         self._normalize(
             head_parameters=parameters,
             pool=pool,
-            layers=_labels(vgg(self.depth), self.layers, pool),
+            layers=_labels(self.architecture, self.layers, pool),
             inputs=_paths(self.inputs),
             output=_path("--output", self.output),
             weights=_path("--weights", self.weights),
+            preprocessing=_preprocessing(self.preprocessing),
             files_from=_lines(self.files_from),
             backend=_text("--backend", self.backend or default_backend()).strip().lower(),
             device=_device(self.device),
@@ -127,7 +132,7 @@ class ExtractOptions:
         ):
             _check_number(option, number, least, most)
         cuts = self.cuts()
-        vgg(self.depth).check_image_size([cut.layer for cut in cuts], self.image_size)
+        self.architecture.check_image_size([cut.layer for cut in cuts], self.image_size)
         _check_parameters_used(self.head_parameters, cuts)
         _check_output_name(self.output)
 
@@ -155,7 +160,7 @@ class ExtractOptions:
 
     @property
     def architecture(self) -> Architecture:
-        return vgg(self.depth)
+        return vgg(self.depth, self.batch_norm)
 
     def cuts(self) -> list[Cut]:
         """Each layer asked for, with its head: its own, else ``pool`` (a map's only)."""
@@ -188,10 +193,13 @@ class ExtractOptions:
         )
 
     def settings(self, weights: WeightsRecord, compute_dtype: str) -> Settings:
-        """What decides the numbers of the file, given what the weights are and what the
-        layers compute in (the engine knows that)."""
+        """What decides the numbers of the file, given what the weights are (their layout
+        chooses the preprocessing unless ``preprocessing`` does) and what the layers compute
+        in (the engine knows that)."""
         return Settings(
             depth=self.depth,
+            batch_norm=self.batch_norm,
+            preprocessing=self.preprocessing or weights.preprocessing,
             layers=self.layers,
             pooling=str(self.pool),
             heads=tuple(str(cut.pooling) for cut in self.cuts()),
@@ -205,8 +213,8 @@ class ExtractOptions:
             dtype=self.dtype,
         )
 
-    def job(self, datasets: Sequence[LayerSpec], compute_dtype: str) -> Job:
-        """The engine's job, for the datasets as the output has them."""
+    def job(self, datasets: Sequence[LayerSpec], settings: Settings) -> Job:
+        """The engine's job, for the datasets and settings as the output has them."""
         architecture = self.architecture
         return Job(
             depth=self.depth,
@@ -224,7 +232,9 @@ class ExtractOptions:
             workers=self.workers,
             backend=self.backend,
             device=self.device,
-            compute_dtype=compute_dtype,
+            compute_dtype=settings.compute_dtype,
+            batch_norm=self.batch_norm,
+            preprocessing=settings.preprocessing,
         )
 
 
@@ -376,6 +386,13 @@ def _check_parameters_used(parameters: Mapping[str, Number], cuts: Sequence[Cut]
                 f"--{key.replace('_', '-')} changes nothing: no conv or pool layer has the "
                 f"{head} head (--pool {head}, or --layer LAYER{SEPARATOR}{head})"
             )
+
+
+def _preprocessing(name: Any) -> str | None:
+    """``caffe`` or ``torch``, lower case; None leaves the choice to the weights."""
+    if name is None:
+        return None
+    return preprocessing(_text("--preprocessing", name)).name
 
 
 def _device(device: str | None) -> str | None:

@@ -25,8 +25,8 @@ from typing import Any
 from vggfeat.engine import Engine, Result
 from vggfeat.images import RESAMPLING, Failure, discover, pixel_limit
 from vggfeat.interrupts import Terminated, raise_kept_stop, stopping_on_signals
-from vggfeat.network import PREPROCESSING
 from vggfeat.options import ExtractOptions
+from vggfeat.preprocessing import preprocessing
 from vggfeat.runtime import require
 from vggfeat.store import Assembly, Layout, RunWriter, Shard, output_path, parts_folder
 from vggfeat.weights import WeightsRecord, check_fits, identify_weights
@@ -197,9 +197,7 @@ class _Run:
         weights = identify_weights(
             options.architecture, options.needs_top, options.weights, options.seed
         )
-        if weights.kind == "file":
-            path = Path(options.weights)
-            check_fits(options.architecture, options.image_size, options.deepest, path)
+        check_fits(options.architecture, options.image_size, options.deepest, options.weights)
         return weights, discover(options.inputs, options.files_from)
 
     def _run(self, engine: Engine, weights: WeightsRecord, images: list[str]) -> Summary:
@@ -230,10 +228,12 @@ class _Run:
         options = self.options
         compute_dtype = engine.compute_dtype(options.precision, options.backend, options.device)
         settings = options.settings(weights, compute_dtype)
+        chosen = preprocessing(settings.preprocessing)
         attributes = {
             "precision": options.precision,
             "resampling": RESAMPLING,
-            "preprocessing": PREPROCESSING,
+            "preprocessing": f"{chosen.name}: {chosen.description}",
+            "weights_layout": weights.layout,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": options.command or shlex.join(sys.argv),
             **_versions(options.backend),
@@ -262,7 +262,7 @@ class _Run:
         learnt: dict[str, object] = {"backend": self.options.backend}
         if self.total:
             layout = writer.plan.layout
-            job = self.options.job(layout.layers, layout.settings.compute_dtype)
+            job = self.options.job(layout.layers, layout.settings)
             self._notice(*engine.start(job, self.total))
         self.first_batch = time.perf_counter()
         for work in writer.work:

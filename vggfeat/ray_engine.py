@@ -28,13 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from vggfeat.architecture import vgg
 from vggfeat.engine import Computed, EngineOptions, EngineReport, Job, Result
 from vggfeat.errors import OptionError, VggfeatError
 from vggfeat.images import Decoded, Failure, Source, pixel_limit
 from vggfeat.memory import ACTIVATION_FACTOR, BATCH_SIZES
 from vggfeat.ray_cluster import Session, Watchdog, check_address, first_line, node_id
-from vggfeat.runtime import BACKEND_NAMES, backend_version, start
+from vggfeat.runtime import BACKEND_NAMES, backend_version
 
 INSTALL = "pip install 'vggfeat[ray]'"
 #: Seconds without results, start-up included, after which a run stops rather than hang.
@@ -284,9 +283,11 @@ class RayEngine:
 
 def _actor_memory(job: Job, batch: int) -> int:
     """Bytes a network actor holds: its weights twice over, the backend, a batch's activations."""
-    catalogue = vgg(job.depth).catalogue(job.image_size)
-    deepest = max(catalogue.layers.index(catalogue.facts(cut.layer)) for cut in job.cuts)
-    weights = sum(facts.params for facts in catalogue.layers[: deepest + 1]) * 4
+    architecture = job.architecture
+    catalogue = architecture.catalogue(job.image_size)
+    deepest = max((cut.layer for cut in job.cuts), key=architecture.layers.index)
+    built = architecture.through(deepest)
+    weights = sum(facts.params for facts in catalogue.layers if facts.layer in built) * 4
     return 2 * weights + ACTOR_BASE_BYTES + batch * math.ceil(job.image_bytes() * ACTIVATION_FACTOR)
 
 
@@ -314,19 +315,15 @@ def _has_fast_bfloat16() -> bool:
     return cpu_has_fast_bfloat16()
 
 
-def _prepare_weights(job: Job) -> tuple[list[Any] | None, str]:
-    """Read a weights file once, here, and put it where every actor fetches it from."""
+def _prepare_weights(job: Job) -> tuple[list[Any], str]:
+    """Read the weights once, here, whatever their source, and put them where every actor
+    fetches them from."""
     import ray
 
     from vggfeat.weights import PreparedWeights
 
-    if job.weights == "random":
-        return None, ""
-    if job.weights == "imagenet":
-        start(job.backend)  # Keras fetches the ImageNet file; a file needs no backend here
-    architecture = vgg(job.depth)
     needs_top = any(cut.layer.is_top for cut in job.cuts)
-    prepared = PreparedWeights.read(architecture, needs_top, job.weights)
+    prepared = PreparedWeights.read(job.architecture, needs_top, job.weights, job.seed)
     # In a list, so that Ray passes the reference and each actor fetches it itself.
     return [ray.put(prepared), prepared.digest()], prepared.record.sha256
 
@@ -369,21 +366,19 @@ def _decode_batch(batch: dict[str, np.ndarray], job: Job) -> dict[str, np.ndarra
 class _NetworkActor:
     """One network, built once per actor; computes the usable images of each batch."""
 
-    def __init__(self, job: Job, weights: list[Any] | None) -> None:
+    def __init__(self, job: Job, weights: list[Any]) -> None:
+        import ray
+
         from vggfeat.network import CutNetwork
 
-        chosen: Any = job.weights
-        if weights is not None:
-            import ray
-
-            reference, digest = weights
-            chosen = ray.get(reference)
-            if chosen.digest() != digest:
-                raise VggfeatError("the weights an actor received differ from the driver's")
+        reference, digest = weights
+        received = ray.get(reference)
+        if received.digest() != digest:
+            raise VggfeatError("the weights an actor received differ from the driver's")
         self.shapes = job.feature_shapes()
         self.network = CutNetwork(
-            vgg(job.depth), list(job.cuts), job.image_size, chosen, job.seed,
-            job.precision, job.backend, job.device, job.compute_dtype,
+            job.architecture, list(job.cuts), job.image_size, received, job.seed,
+            job.precision, job.backend, job.device, job.compute_dtype, job.preprocessing,
         )  # fmt: skip
         self.network.set_batch_size(job.batch_size or 1)
         self.node = node_id()

@@ -10,10 +10,10 @@ from vggfeat.store import open_features
 
 #: The attributes ``vggfeat show`` lists, in this order: the settings, then provenance.
 SHOWN_ATTRIBUTES = (
-    "depth", "layers", "pooling", "weights", "weights_file", "weights_sha256", "seed",
-    "image_size", "resize", "resampling", "precision", "compute_dtype", "dtype", "backend",
-    "backend_version", "device", "engine", "vggfeat_version", "keras_version", "created",
-    "command", "format_version",
+    "depth", "batch_norm", "layers", "pooling", "weights", "weights_file", "weights_sha256",
+    "weights_layout", "seed", "preprocessing", "image_size", "resize", "resampling",
+    "precision", "compute_dtype", "dtype", "backend", "backend_version", "device", "engine",
+    "vggfeat_version", "keras_version", "created", "command", "format_version",
 )  # fmt: skip
 
 

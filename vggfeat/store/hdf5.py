@@ -92,7 +92,14 @@ def create(path: os.PathLike | str, layout: Layout, width: int) -> None:
         file.attrs["format_version"] = FORMAT_VERSION
         file.attrs["settings"] = json.dumps(asdict(layout.settings))
         for key, value in {**asdict(layout.settings), **layout.attributes}.items():
-            file.attrs[key] = storable(value) if isinstance(value, str) else value
+            # A flag as a number: HDF5 has no boolean, and h5py's enum puzzles other readers.
+            file.attrs[key] = (
+                storable(value)
+                if isinstance(value, str)
+                else int(value)
+                if isinstance(value, bool)
+                else value
+            )
         file.create_dataset(
             "paths", (0,), text, maxshape=(None,), chunks=(STRING_CHUNK_ROWS,), **strings
         )

@@ -40,6 +40,9 @@ class Settings:
     heads: tuple[str, ...] = ()
     """Each dataset's head, in ``layers``' order: ``none`` for a fully connected layer.
     Empty in a file written before heads had parameters, where ``pooling`` says it."""
+    batch_norm: bool = False
+    preprocessing: str = "caffe"
+    """``caffe`` or ``torch``: every file before PyTorch's weights was ``caffe``."""
 
     def differences(self, other: Settings, where: str = "in the file") -> list[str]:
         """Each setting that differs, as '--option our-value in the file, other-value now'.
@@ -127,6 +130,8 @@ def canonical_label(architecture: Architecture, label: str) -> str:
 
 _OPTIONS = {
     "depth": "--depth",
+    "batch_norm": "--batch-norm",
+    "preprocessing": "--preprocessing",
     "layers": "--layer",
     "weights": "--weights",
     "weights_file": "weights file",
@@ -140,6 +145,8 @@ _OPTIONS = {
 
 
 def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
     return " ".join(map(str, value)) if isinstance(value, tuple | list) else str(value) or "none"
 
 

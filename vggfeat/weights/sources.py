@@ -1,0 +1,461 @@
+"""Where the numbers come from (one registry of sources), and the proof that every layer got
+its own.
+
+A source is named by what ``--weights`` says: ``imagenet`` (Keras's published
+files), ``timm`` (torchvision's, as timm republishes them), ``random`` (drawn
+under a seed), or a path, whose first bytes tell a
+Keras weights file (HDF5) from a safetensors file in PyTorch's layout. Each
+source says what it is before any network is built (``identify``) and gives
+its layers in network order when one is (``open``). A new source is one
+class here and one entry in ``SOURCES``.
+
+Every weighted layer of the cut model must find its arrays, in order, with
+the right shapes, or loading fails naming the first layer that does not fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from vggfeat.architecture import BLOCK_DEPTHS, Architecture, Layer
+from vggfeat.errors import WeightsMismatchError, WeightsUnavailableError
+from vggfeat.weights import pytorch_files
+from vggfeat.weights.keras_files import (
+    HDF5_SIGNATURE,
+    fetch_imagenet,
+    keras_layers,
+    published_file,
+)
+from vggfeat.weights.stored import StoredLayer
+
+if TYPE_CHECKING:
+    import keras
+
+
+@dataclass(frozen=True)
+class WeightsRecord:
+    """What the weights are, for the output file's settings and attributes."""
+
+    kind: str
+    """The source's name: ``imagenet``, ``random``, ``file`` (Keras's layout) or ``pytorch``."""
+    file: str
+    """The file's name ('' for random weights)."""
+    sha256: str
+    """SHA-256 of the file ('' for random weights, and for ImageNet's before it is fetched)."""
+    seed: int | None = None
+    layout: str = ""
+    """``keras``, ``torchvision`` or ``timm``; '' for random weights."""
+    preprocessing: str = "caffe"
+    """What the weights were trained with, as far as their layout says."""
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A source opened to build a network: its record, and its layers (None: drawn at random)."""
+
+    record: WeightsRecord
+    layers: Sequence[StoredLayer] | None
+    path: str = ""
+    """Where the file is, for messages."""
+
+
+class Source:
+    """One place weights come from."""
+
+    name: ClassVar[str]
+    preprocessing: ClassVar[str] = "caffe"
+    local: ClassVar[bool] = True
+    """Whether the weights are on this machine already, to be checked before a run starts."""
+
+    def claims(self, weights: str) -> bool:
+        raise NotImplementedError
+
+    def identify(
+        self, architecture: Architecture, needs_top: bool, weights: str, seed: int
+    ) -> WeightsRecord:
+        path = Path(weights)
+        return WeightsRecord(
+            self.name, path.name, file_sha256(path), None, self.layout(path), self.preprocessing
+        )
+
+    def layout(self, path: Path) -> str:
+        raise NotImplementedError
+
+    def open(
+        self, architecture: Architecture, needs_top: bool, weights: str, seed: int
+    ) -> contextlib.AbstractContextManager[Opened]:
+        raise NotImplementedError
+
+
+class RandomWeights(Source):
+    """Keras's initialisers under a seed, drawn by NumPy, the same on every backend."""
+
+    name = "random"
+    local = False
+
+    def claims(self, weights: str) -> bool:
+        return weights == "random"
+
+    def identify(
+        self, architecture: Architecture, needs_top: bool, weights: str, seed: int
+    ) -> WeightsRecord:
+        return WeightsRecord("random", "", "", seed)
+
+    @contextlib.contextmanager
+    def open(
+        self, architecture: Architecture, needs_top: bool, weights: str, seed: int
+    ) -> Iterator[Opened]:
+        yield Opened(self.identify(architecture, needs_top, weights, seed), None)
+
+
+class KerasImageNet(Source):
+    """The ImageNet files Keras publishes (VGG16, VGG19), fetched once into Keras's cache."""
+
+    name = "imagenet"
+    local = False
+
+    def claims(self, weights: str) -> bool:
+        return weights == "imagenet"
+
+    def identify(
+        self, architecture: Architecture, needs_top: bool, weights: str, seed: int
+    ) -> WeightsRecord:
+        if architecture.batch_norm:
+            raise WeightsUnavailableError(
+                f"Keras publishes no ImageNet weights with batch norm ({architecture.name}); "
+                "use --weights timm (torchvision's ImageNet weights, as timm publishes them), "
+                "or --weights PATH"
+            )
+        fname = published_file(architecture, needs_top).fname
+        return WeightsRecord("imagenet", fname, "", None, "keras")
+
+    @contextlib.contextmanager
+    def open(
+        self, architecture: Architecture, needs_top: bool, weights: str, seed: int
+    ) -> Iterator[Opened]:
+        self.identify(architecture, needs_top, weights, seed)
+        path = fetch_imagenet(published_file(architecture, needs_top))
+        record = WeightsRecord("imagenet", path.name, file_sha256(path), None, "keras")
+        with keras_layers(path) as layers:
+            yield Opened(record, layers, str(path))
+
+
+class TimmImageNet(Source):
+    """torchvision's ImageNet weights as timm republishes them in safetensors (every depth,
+    with batch norm or not), fetched once into Keras's cache."""
+
+    name = "timm"
+    local = False
+    preprocessing = pytorch_files.PREPROCESSING
+
+    def claims(self, weights: str) -> bool:
+        return weights == "timm"
+
+    def identify(
+        self, architecture: Architecture, needs_top: bool, weights: str, seed: int
+    ) -> WeightsRecord:
+        published = pytorch_files.release(architecture)
+        return WeightsRecord("timm", published.timm_fname, "", None, "timm", self.preprocessing)
+
+    @contextlib.contextmanager
+    def open(
+        self, architecture: Architecture, needs_top: bool, weights: str, seed: int
+    ) -> Iterator[Opened]:
+        size_mb = round(architecture.catalogue().params * 4 / 1e6)
+        path = pytorch_files.fetch_timm(pytorch_files.release(architecture), size_mb)
+        record = WeightsRecord(
+            "timm", path.name, file_sha256(path), None, "timm", self.preprocessing
+        )
+        with pytorch_files.pytorch_layers(path) as layers:
+            yield Opened(record, layers, str(path))
+
+
+class KerasFile(Source):
+    """A file in Keras's legacy ``.h5`` or Keras 3 ``.weights.h5`` layout."""
+
+    name = "file"
+
+    def claims(self, weights: str) -> bool:
+        return _head(weights).startswith(HDF5_SIGNATURE)
+
+    def layout(self, path: Path) -> str:
+        return "keras"
+
+    @contextlib.contextmanager
+    def open(
+        self, architecture: Architecture, needs_top: bool, weights: str, seed: int
+    ) -> Iterator[Opened]:
+        with keras_layers(Path(weights)) as layers:
+            yield Opened(self.identify(architecture, needs_top, weights, seed), layers, weights)
+
+
+class PyTorchFile(Source):
+    """A safetensors file in torchvision's or timm's layout, trained with torchvision's
+    preprocessing."""
+
+    name = "pytorch"
+    preprocessing = pytorch_files.PREPROCESSING
+
+    def claims(self, weights: str) -> bool:
+        return pytorch_files.is_safetensors(_head(weights), _size(weights))
+
+    def layout(self, path: Path) -> str:
+        return pytorch_files.pytorch_layout(path)
+
+    @contextlib.contextmanager
+    def open(
+        self, architecture: Architecture, needs_top: bool, weights: str, seed: int
+    ) -> Iterator[Opened]:
+        with pytorch_files.pytorch_layers(Path(weights)) as layers:
+            yield Opened(self.identify(architecture, needs_top, weights, seed), layers, weights)
+
+
+#: Every source, asked in order which one ``--weights`` names.
+SOURCES: tuple[Source, ...] = (
+    RandomWeights(),
+    KerasImageNet(),
+    TimmImageNet(),
+    KerasFile(),
+    PyTorchFile(),
+)
+
+
+def source_of(weights: str | os.PathLike) -> Source:
+    """The source ``weights`` names; for a path, the one its first bytes say.
+
+    Raises ``WeightsUnavailableError`` for a file that does not exist and
+    ``WeightsMismatchError`` for one no source reads: a PyTorch pickle with
+    the two lines that convert it, anything else with what is read.
+    """
+    text = os.fspath(weights)
+    for source in SOURCES:
+        if not source.local and source.claims(text):
+            return source
+    path = Path(text)
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"weights file {path} does not exist; --weights takes imagenet, timm, random or a path"
+        )
+    for source in SOURCES:
+        if source.local and source.claims(text):
+            return source
+    if pytorch_files.is_pickle(path, _head(text)):
+        raise WeightsMismatchError(
+            f"weights file {path} is a PyTorch pickle, which vggfeat never unpickles (it can "
+            "run any code); convert it to safetensors with torch, then use that file:\n"
+            + pytorch_files.conversion(path)
+        )
+    raise WeightsMismatchError(
+        f"weights file {path} is neither a Keras weights file (.h5, .weights.h5) nor a "
+        "safetensors file (PyTorch's layout)"
+    )
+
+
+def identify_weights(
+    architecture: Architecture, needs_top: bool, weights: str | os.PathLike, seed: int = 0
+) -> WeightsRecord:
+    """What ``weights`` names, known before any network is built.
+
+    An ImageNet file's hash is known only once it is fetched, so it is '' here.
+    Raises for weights Keras does not publish and for a file that does not exist.
+    """
+    return source_of(weights).identify(architecture, needs_top, os.fspath(weights), seed)
+
+
+@dataclass(frozen=True)
+class PreparedWeights:
+    """Weights read once, to be given to networks elsewhere (Ray actors, say)."""
+
+    record: WeightsRecord
+    layers: tuple[StoredLayer, ...] | None
+    """In memory; None for random weights, which each network draws under the seed."""
+
+    @classmethod
+    def read(
+        cls,
+        architecture: Architecture,
+        needs_top: bool,
+        weights: str | os.PathLike,
+        seed: int = 0,
+    ) -> PreparedWeights:
+        """Any source's weights, read into memory (ImageNet's fetched into the cache first)."""
+        source = source_of(weights)
+        with source.open(architecture, needs_top, os.fspath(weights), seed) as opened:
+            layers = None if opened.layers is None else tuple(s.read() for s in opened.layers)
+            return cls(opened.record, layers)
+
+    def digest(self) -> str:
+        """SHA-256 of every array in order: what a receiver checks it got."""
+        digest = hashlib.sha256()
+        for layer in self.layers or ():
+            for array in layer.arrays:
+                digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _opened(
+    architecture: Architecture,
+    needs_top: bool,
+    weights: str | os.PathLike | PreparedWeights,
+    seed: int,
+) -> Iterator[Opened]:
+    if isinstance(weights, PreparedWeights):
+        yield Opened(weights.record, weights.layers, weights.record.file)
+        return
+    source = source_of(weights)
+    with source.open(architecture, needs_top, os.fspath(weights), seed) as opened:
+        yield opened
+
+
+def build_with_weights(
+    architecture: Architecture,
+    image_size: int,
+    up_to: Layer,
+    weights: str | os.PathLike | PreparedWeights,
+    seed: int = 0,
+    dtype: str | None = None,
+) -> tuple[keras.Model, WeightsRecord]:
+    """The Keras model from the input through ``up_to``, with its weights, and their record.
+
+    ``weights`` is ``"imagenet"``, ``"random"`` (drawn under ``seed``), a path
+    to a weights file, or weights already read. A file's arrays become the
+    variables' first values, read one layer at a time: never zeros first and
+    the file's numbers copied over them, which held fc6's 411 MB three times.
+    Raises ``WeightsMismatchError`` naming the first layer the file does not fit,
+    before any variable is made.
+    """
+    layers = [layer for layer in architecture.through(up_to) if layer.has_weights]
+    needs_top = any(layer.is_top for layer in layers)
+    with _opened(architecture, needs_top, weights, seed) as opened:
+        record = opened.record
+        if opened.layers is None:
+            drawn = seed if record.seed is None else record.seed
+            return architecture.build(image_size, up_to, drawn, dtype), record
+        expected = architecture.catalogue(image_size).weight_shapes()
+        chosen = _match(layers, opened.layers, expected, architecture, opened.path)
+        initial = {name: [_array_initialiser(a) for a in c.arrays] for name, c in chosen.items()}
+        model = architecture.build(image_size, up_to, dtype=dtype, initial=initial)
+    return model, record
+
+
+def check_fits(
+    architecture: Architecture, image_size: int, up_to: Layer, weights: str | os.PathLike
+) -> None:
+    """Raise ``WeightsMismatchError`` unless weights on this machine have the arrays every
+    weighted layer through ``up_to`` needs; reads a file's layout only, not its numbers.
+    Weights still to be fetched or drawn are checked as they come."""
+    source = source_of(weights)
+    if not source.local:
+        return
+    layers = [layer for layer in architecture.through(up_to) if layer.has_weights]
+    needs_top = any(layer.is_top for layer in layers)
+    with source.open(architecture, needs_top, os.fspath(weights), 0) as opened:
+        expected = architecture.catalogue(image_size).weight_shapes()
+        _match(layers, opened.layers or (), expected, architecture, opened.path)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read once per version of it (path, size, modification time)."""
+    info = path.stat()
+    return _sha256(str(path.resolve()), info.st_size, info.st_mtime_ns)
+
+
+@cache
+def _sha256(path: str, _size: int, _mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _head(path: str) -> bytes:
+    """A file's first 16 bytes, or none if it cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(16)
+    except OSError:
+        return b""
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _array_initialiser(array: Any) -> Callable[..., np.ndarray]:
+    """A Keras initialiser that returns ``array`` (read from the file only now)."""
+
+    def initial(shape: tuple[int, ...], dtype: object = None) -> np.ndarray:
+        return np.asarray(array)
+
+    return initial
+
+
+def _shapes(shapes: Iterable[Sequence[int]]) -> str:
+    return ", ".join(str(tuple(shape)) for shape in shapes)
+
+
+def _match(
+    layers: list[Layer],
+    stored: Sequence[StoredLayer],
+    expected: dict[str, list[tuple[int, ...]]],
+    architecture: Architecture,
+    path: str,
+) -> dict[str, StoredLayer]:
+    """Each weighted layer's stored layer: the file's next of its kind, or fail naming it."""
+    by_kind = {kind: [s for s in stored if s.kind == kind] for kind in ("conv", "norm", "dense")}
+    _check_batch_norm(bool(by_kind["norm"]), architecture, path)
+    file_convs = len(by_kind["conv"])
+    file_depth = next((d for d, b in BLOCK_DEPTHS.items() if sum(b) == file_convs), None)
+    for_depth = f"; the file holds {file_convs} conv layers, " + (
+        f"as VGG{file_depth} does (--depth {file_depth})" if file_depth else "as no VGG does"
+    )
+    upcoming = {kind: iter(queue) for kind, queue in by_kind.items()}
+    chosen = {}
+    for layer in layers:
+        candidate = next(upcoming[layer.kind], None)
+        if candidate is None:
+            no_top = layer.kind == "dense"
+            hint = "; a no-top file serves cuts up to pool5 only" if no_top else for_depth
+            raise WeightsMismatchError(
+                f"weights file {path} has no weights for {layer.name} ({layer.alias}){hint}"
+            )
+        shapes_fit = [tuple(a.shape) for a in candidate.arrays] == expected[layer.name]
+        if not shapes_fit or candidate.name not in (None, layer.name):
+            raise WeightsMismatchError(
+                f"weights file {path} does not fit {architecture.name} at {layer.name} "
+                f"({layer.alias}): the network expects {_shapes(expected[layer.name])}, the "
+                f"file's {candidate.label} has {_shapes(a.shape for a in candidate.arrays)}"
+                + (for_depth if file_depth != architecture.depth else "")
+            )
+        chosen[layer.name] = candidate
+    if file_convs != architecture.conv_count:
+        raise WeightsMismatchError(f"weights file {path} is not for {architecture.name}{for_depth}")
+    return chosen
+
+
+def _check_batch_norm(file_has_norm: bool, architecture: Architecture, path: str) -> None:
+    """Refuse batch norm in the file against none in the network, and the other way round."""
+    if file_has_norm and not architecture.batch_norm:
+        raise WeightsMismatchError(
+            f"weights file {path} has batch norm after its convolutions (a "
+            f"vgg{architecture.depth}_bn file); add --batch-norm"
+        )
+    if architecture.batch_norm and not file_has_norm:
+        raise WeightsMismatchError(
+            f"weights file {path} has no batch norm after its convolutions (a plain "
+            f"vgg{architecture.depth} file); leave out --batch-norm"
+        )
