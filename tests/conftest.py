@@ -84,12 +84,89 @@ def weight_files(tmp_path_factory):
     return get
 
 
+#: torchvision's configurations, written out as its ``cfgs`` table has them: channels of each
+#: convolution, "M" for each max pool. Independent of vggfeat's own table.
+TORCHVISION_CFGS = {
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    19: [64, 64, "M", 128, 128, "M", *[256] * 4, "M", *[512] * 4, "M", *[512] * 4, "M"],
+}
+
+
+def torchvision_state(
+    depth: int, batch_norm: bool, classifier: bool = False, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """A VGG's state dict in torchvision's layout (``features.N``, ``classifier.{0,3,6}``),
+    random: He-scaled kernels, non-zero biases and batch-norm statistics away from the
+    identity, so that anything swapped, lost or mis-ordered shows in the features."""
+    rng = np.random.default_rng(seed)
+    state: dict[str, np.ndarray] = {}
+    index, channels = 0, 3
+    for entry in TORCHVISION_CFGS[depth]:
+        if entry == "M":
+            index += 1
+            continue
+        scale = np.sqrt(2 / (channels * 9))
+        state[f"features.{index}.weight"] = rng.normal(0, scale, (entry, channels, 3, 3))
+        state[f"features.{index}.bias"] = rng.uniform(-0.1, 0.1, entry)
+        if batch_norm:
+            norm = f"features.{index + 1}"
+            state[f"{norm}.weight"] = rng.uniform(0.5, 1.5, entry)
+            state[f"{norm}.bias"] = rng.uniform(-0.2, 0.2, entry)
+            state[f"{norm}.running_mean"] = rng.normal(0, 0.3, entry)
+            state[f"{norm}.running_var"] = rng.uniform(0.5, 2.0, entry)
+            state[f"{norm}.num_batches_tracked"] = np.array(1000, np.int64)
+        index += 3 if batch_norm else 2
+        channels = entry
+    if classifier:
+        for number, (out, inputs) in zip(
+            (0, 3, 6), ((4096, 512 * 7 * 7), (4096, 4096), (1000, 4096)), strict=True
+        ):
+            weight = rng.standard_normal((out, inputs), np.float32)
+            weight *= np.sqrt(2 / inputs)
+            state[f"classifier.{number}.weight"] = weight
+            state[f"classifier.{number}.bias"] = rng.uniform(-0.1, 0.1, out)
+    return {
+        key: value if value.dtype == np.int64 else value.astype(np.float32)
+        for key, value in state.items()
+    }
+
+
+def timm_state(torchvision: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The same weights in timm's layout: fc6 as ``pre_logits.fc1``, a 7x7 convolution over
+    pool5's map; fc7 as ``pre_logits.fc2``, a 1x1 convolution; fc8 as ``head.fc``."""
+    renamed = {
+        "classifier.0": ("pre_logits.fc1", (4096, 512, 7, 7)),
+        "classifier.3": ("pre_logits.fc2", (4096, 4096, 1, 1)),
+        "classifier.6": ("head.fc", None),
+    }
+    state = {}
+    for key, value in torchvision.items():
+        module, _, name = key.rpartition(".")
+        if module in renamed:
+            new, shape = renamed[module]
+            state[f"{new}.{name}"] = value.reshape(shape) if shape and name == "weight" else value
+        else:
+            state[key] = value
+    return state
+
+
+def save_safetensors(state: dict[str, np.ndarray], path: Path) -> Path:
+    from safetensors.numpy import save_file
+
+    save_file(state, str(path))
+    return path
+
+
 @pytest.fixture
 def keras_home(tmp_path, monkeypatch):
     """An empty Keras cache, and no way to the network for the published files."""
     home = tmp_path / "keras-home"
     monkeypatch.setenv("KERAS_HOME", str(home))
-    monkeypatch.setattr("vggfeat.weights._RELEASES", (tmp_path / "no-such-server").as_uri())
+    nowhere = (tmp_path / "no-such-server").as_uri()
+    monkeypatch.setattr("vggfeat.weights.keras_files._RELEASES", nowhere)
+    monkeypatch.setattr("vggfeat.weights.pytorch_files._HUB", nowhere)
     return home
 
 

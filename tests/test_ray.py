@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 import vggfeat
-from tests.conftest import absolute_paths, descendants
+from tests.conftest import absolute_paths, descendants, save_safetensors, torchvision_state
 from vggfeat import ray_engine
 from vggfeat.pipeline import extract
 from vggfeat.ray_engine import RayOptions
@@ -103,11 +103,11 @@ def wait_for_parts(process: subprocess.Popen, output: Path, count: int, limit: f
         time.sleep(0.05)
 
 
-def test_a_local_instance_writes_the_local_engines_file(
-    photos, tmp_path, weight_files, monkeypatch
-):
+def test_a_local_instance_writes_the_local_engines_file(photos, tmp_path, monkeypatch):
     images, _ = photos
-    options = {**OPTIONS, "weights": weight_files(16), "backend": "jax"}
+    # Weights from PyTorch's world with batch norm: the actors receive any source.
+    weights = save_safetensors(torchvision_state(16, True), tmp_path / "vgg16_bn.safetensors")
+    options = {**OPTIONS, "weights": weights, "batch_norm": True, "backend": "jax"}
     extract([images], tmp_path / "local.h5", **{**options, "backend": "tensorflow"})
     # The first commit takes 3 s while a stall limit of 1 s is in force: the driver's own
     # writing is not waiting for the cluster, and must not stop the run.
@@ -139,7 +139,7 @@ def test_a_local_instance_writes_the_local_engines_file(
     assert_same_file(output, tmp_path / "local.h5", rtol=1e-4)
     attributes = vggfeat.load(output).attributes
     assert attributes["engine"] == "ray" and '"nodes": 1' in attributes["cluster"]
-    sha256 = hashlib.sha256(weight_files(16).read_bytes()).hexdigest()
+    sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert attributes["weights_sha256"] == sha256  # what every actor checked it received
     assert not ray.is_initialized()  # the instance vggfeat started is gone
 

@@ -100,7 +100,7 @@ def test_keras3_file_missing_a_bias_is_refused(weight_files, tmp_path):
 def test_files_that_are_not_weights(tmp_path):
     text = tmp_path / "notes.h5"
     text.write_text("not hdf5")
-    with pytest.raises(WeightsMismatchError, match="not an HDF5 file"):
+    with pytest.raises(WeightsMismatchError, match="neither a Keras weights file"):
         _cut(16, "pool1", 32, text)
     empty = tmp_path / "empty.h5"
     h5py.File(empty, "w").close()
