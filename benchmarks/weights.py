@@ -1,6 +1,6 @@
 """What loading PyTorch's weights costs against Keras's own file of the same network.
 
-    python benchmarks/weights.py                  # VGG16 through fc7, 5 loads of each file
+    python benchmarks/weights.py                  # VGG16 through fc7, 7 loads of each file
     python benchmarks/weights.py --profile smoke  # VGG11 through pool5, seconds
 
 Makes one set of random VGG16 weights (with the classifier: 553 MB of
@@ -45,7 +45,7 @@ class Profile:
 
 
 PROFILES = {
-    "cpu": Profile(16, "fc7", 224, 5),
+    "cpu": Profile(16, "fc7", 224, 7),
     "smoke": Profile(11, "pool5", 32, 1),
 }
 

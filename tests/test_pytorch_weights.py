@@ -64,6 +64,11 @@ def relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, 0)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """PyTorch's Linear, (out, in) weights, in float64 a slice of rows at a time."""
     rows = [x @ weight[i : i + 512].astype(np.float64).T for i in range(0, len(weight), 512)]
@@ -96,12 +101,16 @@ def reference(
                         state["classifier.0.bias"]))  # fmt: skip
         outputs["fc6"] = x
         outputs["fc7"] = relu(linear(x, state["classifier.3.weight"], state["classifier.3.bias"]))
+        logits = linear(outputs["fc7"], state["classifier.6.weight"], state["classifier.6.bias"])
+        outputs["fc8"] = softmax(logits)
     if "pre_logits.fc1.weight" in state:
         kernel = state["pre_logits.fc1.weight"].astype(np.float64)  # (4096, 512, 7, 7)
         x = relu(np.einsum("nchw,ochw->no", x, kernel) + state["pre_logits.fc1.bias"])
         outputs["fc6"] = x
         fc2 = state["pre_logits.fc2.weight"][:, :, 0, 0]
         outputs["fc7"] = relu(linear(x, fc2, state["pre_logits.fc2.bias"]))
+        logits = linear(outputs["fc7"], state["head.fc.weight"], state["head.fc.bias"])
+        outputs["fc8"] = softmax(logits)
     return {
         name: np.transpose(value, (0, 2, 3, 1)) if value.ndim == 4 else value
         for name, value in outputs.items()
@@ -211,12 +220,13 @@ def test_fc7_at_224_equals_the_reference_and_a_wrong_fc6_order_would_not(
 ):
     state, with_norm, path = full_vgg11["torchvision"]
     output = tmp_path / "tf.h5"
-    vggfeat.extract(photos, output, depth=11, weights=str(path), layers=["pool5", "fc7"])
+    layers = ["pool5", "fc7", "fc8"]  # fc8: 1,000 rows, not a whole number of read slices
+    vggfeat.extract(photos, output, depth=11, weights=str(path), layers=layers)
     pixels = pixels_of(photos, 224)
     expected = reference(state, 11, with_norm, pixels)
     got = vggfeat.load(output).features
-    assert_close(got["pool5"], expected["pool5"])
-    assert_close(got["fc7"], expected["fc7"])
+    for layer in layers:
+        assert_close(got[layer], expected[layer])
 
     # The classic silent bug: fc6's rows taken in Keras's (H, W, C) order unchanged.
     pool5_hwc = expected["pool5"].reshape(len(pixels), -1)
@@ -242,12 +252,13 @@ def test_a_timm_file_with_batch_norm_through_fc7(full_vgg11, photos, tmp_path):
     assert state["pre_logits.fc1.weight"].shape == (4096, 512, 7, 7)
     output = tmp_path / "timm.h5"
     vggfeat.extract(
-        photos, output, depth=11, batch_norm=True, weights=str(path), layers=["conv5_2", "fc7"]
-    )
+        photos, output, depth=11, batch_norm=True, weights=str(path),
+        layers=["conv5_2", "fc7", "fc8"],
+    )  # fmt: skip
     expected = reference(state, 11, with_norm, pixels_of(photos, 224))
     loaded = vggfeat.load(output)
-    assert_close(loaded.features["conv5_2"], expected["conv5_2"])
-    assert_close(loaded.features["fc7"], expected["fc7"])
+    for layer in ("conv5_2", "fc7", "fc8"):
+        assert_close(loaded.features[layer], expected[layer])
     assert loaded.attributes["weights_layout"] == "timm"
 
 

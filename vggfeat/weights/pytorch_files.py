@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import struct
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +44,10 @@ CLASSIFIERS = {
 }
 #: What the layouts' files were trained with: torchvision's preprocessing.
 PREPROCESSING = "torch"
-#: Rows of a classifier's weight read at once: fc6's 4096 x 25088 floats in 26 MB slices.
-ROWS_AT_ONCE = 256
+#: Rows of a classifier's weight read at once, and inputs of them turned into Keras's order
+#: at once: blocks of 1 MB, which stay in cache (measured fastest of 64 to 1024 rows).
+ROWS_AT_ONCE = 128
+COLUMNS_AT_ONCE = 2048
 #: safetensors' dtypes that NumPy reads, all converted to float32.
 READABLE = ("F16", "F32", "F64")
 #: Where timm publishes its files (the Hugging Face Hub).
@@ -222,11 +226,21 @@ def _dense(
 
     def read() -> np.ndarray:
         kernel = np.empty((inputs, out), np.float32)
-        for start in range(0, out, ROWS_AT_ONCE):
-            rows = np.asarray(source[start : start + ROWS_AT_ONCE], np.float32)
+
+        def fill(start: int) -> None:
+            rows = np.asarray(source[start : min(start + ROWS_AT_ONCE, out)], np.float32)
             count = len(rows)
-            in_keras_order = rows.reshape(count, channels, height, width).transpose(2, 3, 1, 0)
-            kernel[:, start : start + count] = in_keras_order.reshape(inputs, count)
+            # Each row from (C, H, W) to (H, W, C), in cache; then the rows become columns,
+            # a block at a time: a transpose of the whole 411 MB at once runs 3x slower.
+            by_place = rows.reshape(count, channels, height * width).transpose(0, 2, 1)
+            ordered = np.ascontiguousarray(by_place).reshape(count, inputs)
+            for first in range(0, inputs, COLUMNS_AT_ONCE):
+                columns = slice(first, first + COLUMNS_AT_ONCE)
+                kernel[columns, start : start + count] = ordered[:, columns].T
+
+        # NumPy's copies let go of the GIL: the blocks fill in parallel.
+        with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+            list(pool.map(fill, range(0, out, ROWS_AT_ONCE)))
         return kernel
 
     bias = _vector(file, keys[f"{prefix}.bias"], path)
