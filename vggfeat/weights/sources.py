@@ -15,6 +15,7 @@ the right shapes, or loading fails naming the first layer that does not fit.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import os
@@ -68,16 +69,43 @@ class Opened:
     """Where the file is, for messages."""
 
 
-class Source:
+class Source(abc.ABC):
     """One place weights come from."""
 
     name: ClassVar[str]
     preprocessing: ClassVar[str] = "caffe"
-    local: ClassVar[bool] = True
+    local: ClassVar[bool] = False
     """Whether the weights are on this machine already, to be checked before a run starts."""
 
+    @abc.abstractmethod
     def claims(self, weights: str) -> bool:
-        raise NotImplementedError
+        """Whether ``--weights`` names this source (asked of a path only if it exists)."""
+
+    @abc.abstractmethod
+    def identify(
+        self, architecture: Architecture, needs_top: bool, weights: str, seed: int
+    ) -> WeightsRecord:
+        """What the weights are, without reading their numbers or fetching them."""
+
+    @abc.abstractmethod
+    def open(
+        self, architecture: Architecture, needs_top: bool, weights: str, seed: int
+    ) -> contextlib.AbstractContextManager[Opened]:
+        """The weights' layers, fetched if they must be, each array read when used."""
+
+
+class FileSource(Source):
+    """Weights in a file the user names, read by a layout's reader."""
+
+    local = True
+
+    @abc.abstractmethod
+    def layout(self, path: Path) -> str:
+        """The file's layout, from a look at it."""
+
+    @abc.abstractmethod
+    def layers(self, path: Path) -> contextlib.AbstractContextManager[list[StoredLayer]]:
+        """The file's layers in network order (the layout's reader)."""
 
     def identify(
         self, architecture: Architecture, needs_top: bool, weights: str, seed: int
@@ -87,20 +115,18 @@ class Source:
             self.name, path.name, file_sha256(path), None, self.layout(path), self.preprocessing
         )
 
-    def layout(self, path: Path) -> str:
-        raise NotImplementedError
-
+    @contextlib.contextmanager
     def open(
         self, architecture: Architecture, needs_top: bool, weights: str, seed: int
-    ) -> contextlib.AbstractContextManager[Opened]:
-        raise NotImplementedError
+    ) -> Iterator[Opened]:
+        with self.layers(Path(weights)) as layers:
+            yield Opened(self.identify(architecture, needs_top, weights, seed), layers, weights)
 
 
 class RandomWeights(Source):
     """Keras's initialisers under a seed, drawn by NumPy, the same on every backend."""
 
     name = "random"
-    local = False
 
     def claims(self, weights: str) -> bool:
         return weights == "random"
@@ -121,7 +147,6 @@ class KerasImageNet(Source):
     """The ImageNet files Keras publishes (VGG16, VGG19), fetched once into Keras's cache."""
 
     name = "imagenet"
-    local = False
 
     def claims(self, weights: str) -> bool:
         return weights == "imagenet"
@@ -154,7 +179,6 @@ class TimmImageNet(Source):
     with batch norm or not), fetched once into Keras's cache."""
 
     name = "timm"
-    local = False
     preprocessing = pytorch_files.PREPROCESSING
 
     def claims(self, weights: str) -> bool:
@@ -179,7 +203,7 @@ class TimmImageNet(Source):
             yield Opened(record, layers, str(path))
 
 
-class KerasFile(Source):
+class KerasFile(FileSource):
     """A file in Keras's legacy ``.h5`` or Keras 3 ``.weights.h5`` layout."""
 
     name = "file"
@@ -190,15 +214,11 @@ class KerasFile(Source):
     def layout(self, path: Path) -> str:
         return "keras"
 
-    @contextlib.contextmanager
-    def open(
-        self, architecture: Architecture, needs_top: bool, weights: str, seed: int
-    ) -> Iterator[Opened]:
-        with keras_layers(Path(weights)) as layers:
-            yield Opened(self.identify(architecture, needs_top, weights, seed), layers, weights)
+    def layers(self, path: Path) -> contextlib.AbstractContextManager[list[StoredLayer]]:
+        return keras_layers(path)
 
 
-class PyTorchFile(Source):
+class PyTorchFile(FileSource):
     """A safetensors file in torchvision's or timm's layout, trained with torchvision's
     preprocessing."""
 
@@ -211,12 +231,8 @@ class PyTorchFile(Source):
     def layout(self, path: Path) -> str:
         return pytorch_files.pytorch_layout(path)
 
-    @contextlib.contextmanager
-    def open(
-        self, architecture: Architecture, needs_top: bool, weights: str, seed: int
-    ) -> Iterator[Opened]:
-        with pytorch_files.pytorch_layers(Path(weights)) as layers:
-            yield Opened(self.identify(architecture, needs_top, weights, seed), layers, weights)
+    def layers(self, path: Path) -> contextlib.AbstractContextManager[list[StoredLayer]]:
+        return pytorch_files.pytorch_layers(path)
 
 
 #: Every source, asked in order which one ``--weights`` names.
