@@ -430,6 +430,7 @@ def test_timm_weights_offline_say_what_to_do_and_a_file_put_there_is_used(
         "timm",
         cached.name,
     )
+    assert loaded.attributes["weights_layout"] == "torchvision"  # read from the keys
     assert loaded.attributes["preprocessing"].startswith("torch:")
 
 
@@ -477,3 +478,120 @@ def test_info_shows_batch_norm_layers_and_names_the_published_files():
     assert "timm: timm/vgg11.tv_in1k, model.safetensors" in text
     assert "torchvision: vgg11, vgg11-8a719046.pth" in text
     assert "Keras publishes none for VGG11" in text
+
+
+# What a new user's trial found ----------------------------------------------------------------
+
+
+def test_the_output_is_never_the_weights_file(feature_files, photos, tmp_path):
+    _, path = feature_files(11, False)
+    victim = tmp_path / "victim.h5"
+    victim.write_bytes(path.read_bytes())
+    for output in (victim, tmp_path / "out.safetensors", tmp_path / "out.pth"):
+        done = run_cli(
+            "extract", str(photos), "--weights", str(victim), "-o", str(output), "--depth",
+            "11", "--layer", "pool1", "--image-size", "32", "--overwrite",
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+    assert victim.read_bytes() == path.read_bytes()
+    assert "is the weights file (--weights" in done.stderr or "extract writes HDF5" in done.stderr
+
+
+def test_a_missing_or_odd_tensor_is_named(feature_files, tmp_path):
+    state, _ = feature_files(11, True)
+    no_weight = {k: v for k, v in state.items() if k != "features.8.weight"}
+    with pytest.raises(WeightsMismatchError, match=r"features\.8\.bias but no features\.8\.weight"):
+        _cut(save_safetensors(no_weight, tmp_path / "a.safetensors"), with_norm=True)
+    no_stats = {k: v for k, v in state.items() if not k.startswith("features.5.running")}
+    with pytest.raises(WeightsMismatchError, match=r"but no features\.5\.running_mean"):
+        _cut(save_safetensors(no_stats, tmp_path / "b.safetensors"), with_norm=True)
+
+
+def test_mix_ups_are_told_with_the_network_the_file_is_for(feature_files, tmp_path):
+    _, normed = feature_files(11, True)
+    with pytest.raises(
+        WeightsMismatchError, match=r"\(a vgg11_bn file\); add --batch-norm and --depth 11"
+    ):
+        _cut(normed, depth=16)
+    fc6_only = dict(feature_files(11, False)[0])
+    fc6_only["classifier.0.weight"] = np.zeros((4096, 25088), np.float16)
+    fc6_only["classifier.0.bias"] = np.zeros(4096, np.float16)
+    path = save_safetensors(fc6_only, tmp_path / "fc6.safetensors")
+    from vggfeat.architecture import vgg
+    from vggfeat.weights import check_fits
+
+    architecture = vgg(11)
+    check_fits(architecture, 224, architecture.layer("fc6"), path)
+    with pytest.raises(
+        WeightsMismatchError, match=r"no weights for fc2 \(fc7\); the file's classifier ends at fc6"
+    ):
+        check_fits(architecture, 224, architecture.layer("fc7"), path)
+    with pytest.raises(
+        Exception, match="bn1_1 is a batch norm, not a cut point: conv1_1 is taken after it"
+    ):
+        vgg(11, True).layer("bn1_1")
+
+
+def test_what_is_not_a_weights_file_is_said_as_it_is(feature_files, tmp_path):
+    with pytest.raises(WeightsUnavailableError, match=r"weights file .* is a folder"):
+        _cut(tmp_path)
+    with pytest.raises(WeightsUnavailableError, match="--weights names nothing"):
+        _cut("")
+    text = tmp_path / "notes.pth"
+    text.write_text("hello")
+    with pytest.raises(WeightsMismatchError, match="is neither a Keras weights file"):
+        _cut(text)
+    _, path = feature_files(11, False)
+    cut_short = tmp_path / "short.safetensors"
+    cut_short.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(WeightsMismatchError, match="is damaged or incomplete"):
+        _cut(cut_short)
+    from vggfeat.options import ExtractOptions
+
+    assert ExtractOptions(["x"], weights="TIMM", depth=11).weights == "timm"
+
+
+def test_a_file_is_known_by_its_contents_not_its_name(feature_files, photos, tmp_path):
+    _, path = feature_files(11, False)
+    copy = tmp_path / "renamed.safetensors"
+    copy.write_bytes(path.read_bytes())
+    output = tmp_path / "f.h5"
+    common = ["-o", str(output), "--depth", "11", "--layer", "pool1", "--image-size", "32", "-q"]
+    assert run_cli("extract", str(photos), "--weights", str(path), *common).returncode == 0
+    more = make_photos(tmp_path / "more", 1, seed=11)
+    done = run_cli("extract", str(photos), str(more), "--weights", str(copy), *common)
+    assert done.returncode == 0, done.stderr
+    assert vggfeat.load(output).features["pool1"].shape[0] == 3
+    done = run_cli("extract", str(more), "--weights", "random", *common)
+    assert done.returncode == 1
+    assert f"--weights {path.name} in the file, random now" in done.stderr
+
+
+def test_a_download_is_one_notice_and_quiet_means_quiet(keras_home, photos, tmp_path):
+    common = ["extract", str(photos), "-o", str(tmp_path / "f.h5"), "--depth", "13",
+              "--weights", "timm", "--layer", "pool1", "--image-size", "32"]  # fmt: skip
+    env = {"KERAS_HOME": str(keras_home)}
+    # The subprocess cannot see the fixture's stand-in server: it uses a proxy that refuses.
+    env |= {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    loud = run_cli(*common, env=env)
+    assert loud.returncode == 1
+    lines = loud.stderr.strip().splitlines()
+    assert lines[0].startswith("Note: downloading timm's timm/vgg13.tv_in1k file")
+    assert lines[-1].startswith("Error: timm's timm/vgg13.tv_in1k file timm_vgg13.tv_in1k")
+    assert "Downloading data from" not in loud.stderr
+    quiet = run_cli(*common, "-q", env=env)
+    assert quiet.returncode == 1
+    assert quiet.stderr.count("\n") == 1 and quiet.stderr.startswith("Error: ")
+
+
+def test_a_wrong_cached_timm_file_says_how_to_get_the_right_one(keras_home, feature_files):
+    _, path = feature_files(16, False)
+    cached = keras_home / "models" / "timm_vgg11.tv_in1k.safetensors"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(path.read_bytes())
+    with pytest.raises(WeightsMismatchError) as error:
+        _cut("timm")
+    message = str(error.value)
+    assert message.startswith(f"the cached file {cached} is not timm's timm/vgg11.tv_in1k (")
+    assert message.endswith("delete it and vggfeat downloads it again, or put timm's "
+                            "model.safetensors for VGG11 there")  # fmt: skip

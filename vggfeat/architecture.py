@@ -226,9 +226,15 @@ class Architecture:
     def layer(self, name: str) -> Layer:
         """The layer called ``name``, by Keras name or alias, in any case."""
         wanted = name.strip().lower()
-        for layer in self.layers:
-            if wanted in (layer.name, layer.alias) and layer.is_cut_point:
+        for index, layer in enumerate(self.layers):
+            if wanted not in (layer.name, layer.alias):
+                continue
+            if layer.is_cut_point:
                 return layer
+            conv = self.layers[index - 1].alias
+            raise UnknownLayerError(
+                f"{name} is a batch norm, not a cut point: {conv} is taken after it and its ReLU"
+            )
         names = list(self.cut_points)
         close = difflib.get_close_matches(name.strip().lower(), names, n=1, cutoff=0.6)
         guess = f"did you mean {close[0]}? " if close else ""

@@ -33,10 +33,10 @@ from vggfeat.network import PRECISIONS, Cut
 from vggfeat.preprocessing import preprocessing
 from vggfeat.runtime import BACKENDS, default_backend
 from vggfeat.store import COMMIT_IMAGES, COMPRESSIONS, STORED_DTYPES, LayerSpec, Settings, Shard
-from vggfeat.weights import WeightsRecord
+from vggfeat.weights import KEYWORDS, WeightsRecord
 
 #: Extensions of formats export does not write that an output is still often named for.
-NOT_HDF5 = (".npz", ".json", ".pt")
+NOT_HDF5 = (".npz", ".json", ".pt", ".pth", ".safetensors")
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class ExtractOptions:
             layers=_labels(self.architecture, self.layers, pool),
             inputs=_paths(self.inputs),
             output=_path("--output", self.output),
-            weights=_path("--weights", self.weights),
+            weights=_weights(self.weights),
             preprocessing=_preprocessing(self.preprocessing),
             files_from=_lines(self.files_from),
             backend=_text("--backend", self.backend or default_backend()).strip().lower(),
@@ -135,6 +135,7 @@ class ExtractOptions:
         self.architecture.check_image_size([cut.layer for cut in cuts], self.image_size)
         _check_parameters_used(self.head_parameters, cuts)
         _check_output_name(self.output)
+        _check_output_is_not_weights(self.output, self.weights)
 
     def _normalize(self, **values: Any) -> None:
         for name, value in values.items():
@@ -257,6 +258,12 @@ def _path(option: str, value: Any) -> str:
     if not isinstance(value, str | bytes | os.PathLike):
         raise OptionError(f"{option} {value!r} is not a path")
     return os.fsdecode(value)
+
+
+def _weights(value: Any) -> str:
+    """A source's keyword in lower case (``TIMM`` is ``timm``), or a path as it is given."""
+    text = _path("--weights", value)
+    return text.strip().lower() if text.strip().lower() in KEYWORDS else text
 
 
 def _text(option: str, value: Any) -> str:
@@ -403,6 +410,18 @@ def _device(device: str | None) -> str | None:
     if choice in ("cpu", "gpu") or (choice.startswith("gpu:") and choice[4:].isdigit()):
         return choice
     raise OptionError(f"--device {device} is not cpu, gpu or gpu:N")
+
+
+def _check_output_is_not_weights(output: str, weights: str) -> None:
+    """Refuse to write the features over the weights file they are computed with."""
+    try:
+        same = os.path.samefile(output, weights)
+    except OSError:  # one of them is not there (or is a keyword): not the same file
+        return
+    if same:
+        raise OptionError(
+            f"-o {output} is the weights file (--weights {weights}); name another output"
+        )
 
 
 def _check_output_name(name: str) -> None:

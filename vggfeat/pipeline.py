@@ -29,7 +29,7 @@ from vggfeat.options import ExtractOptions
 from vggfeat.preprocessing import preprocessing
 from vggfeat.runtime import require
 from vggfeat.store import Assembly, Layout, RunWriter, Shard, output_path, parts_folder
-from vggfeat.weights import WeightsRecord, check_fits, identify_weights
+from vggfeat.weights import WeightsRecord, check_fits, fetch_weights, identify_weights
 
 
 @dataclass(frozen=True)
@@ -263,6 +263,8 @@ class _Run:
         if self.total:
             layout = writer.plan.layout
             job = self.options.job(layout.layers, layout.settings)
+            options = self.options
+            fetch_weights(options.architecture, options.needs_top, options.weights, self._notice)
             self._notice(*engine.start(job, self.total))
         self.first_batch = time.perf_counter()
         for work in writer.work:

@@ -18,6 +18,10 @@ from vggfeat.architecture import Architecture, vgg
 from vggfeat.errors import VggfeatError
 from vggfeat.heads import SEPARATOR, split_label
 
+#: Sources whose weights are a file the user names (``vggfeat.weights``): a file's settings
+#: show its name, not the source's.
+FILE_SOURCES = ("file", "pytorch")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -51,6 +55,12 @@ class Settings:
         ``fc2`` and ``fc7`` are one layer), and in any order.
         """
         ours, theirs = self._compared(), other._compared()
+        if ours["weights_sha256"] and theirs["weights_sha256"]:
+            # A file is the same weights under any name (a copy, a link): its contents say.
+            del ours["weights_file"], theirs["weights_file"]
+        for values in (ours, theirs):
+            if values["weights"] in FILE_SOURCES:  # shown as --weights takes it: the file
+                values["weights"] = values.get("weights_file") or values["weights"]
         found = []
         for key in ours:
             if key == "heads":
@@ -135,7 +145,7 @@ _OPTIONS = {
     "layers": "--layer",
     "weights": "--weights",
     "weights_file": "weights file",
-    "weights_sha256": "weights SHA-256",
+    "weights_sha256": "the weights file's contents, SHA-256",
     "seed": "--seed",
     "image_size": "--image-size",
     "resize": "--resize",

@@ -14,12 +14,14 @@ from vggfeat.weights.keras_files import (
     published_files,
 )
 from vggfeat.weights.sources import (
+    KEYWORDS,
     SOURCES,
     PreparedWeights,
     Source,
     WeightsRecord,
     build_with_weights,
     check_fits,
+    fetch_weights,
     file_sha256,
     identify_weights,
     source_of,
@@ -27,6 +29,7 @@ from vggfeat.weights.sources import (
 from vggfeat.weights.stored import StoredLayer
 
 __all__ = [
+    "KEYWORDS",
     "PUBLISHED",
     "SOURCES",
     "PreparedWeights",
@@ -36,6 +39,7 @@ __all__ = [
     "WeightsRecord",
     "build_with_weights",
     "check_fits",
+    "fetch_weights",
     "file_sha256",
     "identify_weights",
     "keras_cache_dir",

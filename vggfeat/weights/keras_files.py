@@ -14,7 +14,7 @@ import contextlib
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,29 +86,43 @@ def published_file(architecture: Architecture, include_top: bool) -> PublishedFi
         ) from None
 
 
-def fetch_imagenet(published: PublishedFile) -> Path:
+def fetch_imagenet(published: PublishedFile, announce: Callable[[str], None] | None = None) -> Path:
     """The path of a published file in Keras's cache, downloading it there if missing."""
     return fetch(
         published.fname,
         published.url,
         published.md5,
         f"the ImageNet file {published.fname} (about {published.approx_mb} MB)",
+        announce,
     )
 
 
-def fetch(fname: str, url: str, md5: str | None, what: str) -> Path:
+def fetch(
+    fname: str,
+    url: str,
+    md5: str | None,
+    what: str,
+    announce: Callable[[str], None] | None = None,
+) -> Path:
     """The path of ``fname`` in Keras's cache folder ``models``, downloaded from ``url`` by
     Keras's ``get_file`` if missing (and checked against ``md5``, where one is published).
 
-    Raises ``WeightsUnavailableError`` naming ``what``, the folder and the way out.
+    A download is reported to ``announce`` as one line, before it starts; without one,
+    Keras's own report and progress go to standard error. Raises
+    ``WeightsUnavailableError`` naming ``what``, the folder and the way out.
     """
     from vggfeat.runtime import keras_module
 
     keras = keras_module()
     cache = keras_cache_dir()
+    report: Any = sys.stderr
+    if announce is not None:
+        report = open(os.devnull, "w")  # noqa: SIM115 (closed below)
+        if not (cache / "models" / fname).is_file():
+            announce(f"downloading {what} from {url} into {cache / 'models'}")
     try:
         # get_file reports its download on stdout, which carries only what a command prints.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(report):
             path = Path(
                 keras.utils.get_file(
                     fname, origin=url, file_hash=md5, cache_subdir="models", cache_dir=str(cache)
@@ -116,10 +130,13 @@ def fetch(fname: str, url: str, md5: str | None, what: str) -> Path:
             )
     except Exception as error:
         raise WeightsUnavailableError(
-            f"{what} is not in {cache / 'models'} "
-            f"and could not be downloaded from {url} ({error}); copy the file there from a "
-            "machine with network access, or use --weights PATH or --weights random"
+            f"{what} is not in {cache / 'models'} and could not be downloaded from {url} "
+            f"({error}); copy the file there from a machine with network access, or use "
+            "--weights PATH or --weights random"
         ) from error
+    finally:
+        if report is not sys.stderr:
+            report.close()
     return path
 
 

@@ -24,7 +24,7 @@ import os
 import re
 import struct
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +52,6 @@ COLUMNS_AT_ONCE = 2048
 READABLE = ("F16", "F32", "F64")
 #: Where timm publishes its files (the Hugging Face Hub).
 _HUB = "https://huggingface.co"
-#: Suffixes of PyTorch's pickles.
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".tar")
 
 _FEATURE = re.compile(r"features\.(\d+)\.(\w+)")
 _NORM_KEYS = ("weight", "bias", "running_mean", "running_var")
@@ -69,20 +67,21 @@ def conversion(path: Path) -> str:
     )
 
 
-def is_safetensors(head: bytes, size: int) -> bool:
-    """Whether a file starting with ``head`` (16 bytes at least) of ``size`` bytes is safetensors:
-    a little-endian 8-byte header length, then the JSON header."""
+def is_safetensors(head: bytes) -> bool:
+    """Whether a file starting with ``head`` (its first 16 bytes) is safetensors, whole or
+    not: a little-endian 8-byte header length, then the JSON header. (A file cut short is
+    the reader's to refuse, as damaged.)"""
     if len(head) < 9:
         return False
     (length,) = struct.unpack("<Q", head[:8])
-    return 8 + length <= size and head[8:9] == b"{"
+    return 2 <= length < 1 << 32 and head[8:9] == b"{"
 
 
-def is_pickle(path: Path, head: bytes) -> bool:
-    """Whether the file is a PyTorch pickle: a zip archive (torch >= 1.6), a bare pickle
-    (protocol 2 and up), or a file named as one."""
+def is_pickle(head: bytes) -> bool:
+    """Whether a file starting with ``head`` is one of PyTorch's pickles: a zip archive
+    (``torch.save`` since 1.6) or a bare pickle (protocol 2 and up)."""
     bare_pickle = len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5
-    return head.startswith(b"PK\x03\x04") or bare_pickle or path.suffix.lower() in PICKLE_SUFFIXES
+    return head.startswith(b"PK\x03\x04") or bare_pickle
 
 
 def pytorch_layout(path: Path) -> str:
@@ -146,17 +145,24 @@ def _features(file: Any, keys: dict[str, str], path: Path) -> list[StoredLayer]:
             modules[int(match[1])][match[2]] = key
     layers = []
     for index in sorted(modules):
-        parts = modules[index]
+        parts = {name: key for name, key in modules[index].items() if name != "num_batches_tracked"}
+        if not parts:
+            continue
         label = f"features.{index}"
-        if "running_mean" in parts or "running_var" in parts:
+        _require(parts, ("weight", "bias"), label, path)
+        rank = len(_slice(file, keys[parts["weight"]], path).get_shape())
+        if rank == 1:  # a batch norm's scale
             _require(parts, _NORM_KEYS, label, path)
             arrays = tuple(_vector(file, keys[parts[name]], path) for name in _NORM_KEYS)
             layers.append(StoredLayer(label, None, arrays))
-        elif "weight" in parts:
-            _require(parts, ("weight", "bias"), label, path)
+        elif rank == 4:
             kernel = _kernel(file, keys[parts["weight"]], path)
-            layers.append(
-                StoredLayer(label, None, (kernel, _vector(file, keys[parts["bias"]], path)))
+            bias = _vector(file, keys[parts["bias"]], path)
+            layers.append(StoredLayer(label, None, (kernel, bias)))
+        else:
+            raise WeightsMismatchError(
+                f"weights file {path} holds {label}.weight with {rank} axes, neither a "
+                "convolution's (4) nor a batch norm's (1)"
             )
     return layers
 
@@ -188,10 +194,7 @@ def _vector(file: Any, key: str, path: Path) -> Deferred:
 
 def _kernel(file: Any, key: str, path: Path) -> Deferred:
     """A convolution's kernel, (out, in, kh, kw) to Keras's (kh, kw, in, out)."""
-    shape = tuple(_slice(file, key, path).get_shape())
-    if len(shape) != 4:
-        return Deferred(shape, lambda: np.asarray(file.get_tensor(key), np.float32))
-    out, inputs, height, width = shape
+    out, inputs, height, width = _slice(file, key, path).get_shape()
 
     def read() -> np.ndarray:
         kernel = np.asarray(file.get_tensor(key), np.float32)
@@ -288,7 +291,9 @@ def release(architecture: Architecture) -> Release:
     return RELEASES[architecture.depth, architecture.batch_norm]
 
 
-def fetch_timm(published: Release, size_mb: int) -> Path:
+def fetch_timm(
+    published: Release, size_mb: int, announce: Callable[[str], None] | None = None
+) -> Path:
     """The path of timm's file for a network in Keras's cache, downloaded there if missing.
     timm publishes no hash beside the file: it is checked by reading it, layer by layer."""
     return fetch(
@@ -296,6 +301,7 @@ def fetch_timm(published: Release, size_mb: int) -> Path:
         published.timm_url,
         None,
         f"timm's {published.timm_repository} file {published.timm_fname} (about {size_mb} MB)",
+        announce,
     )
 
 

@@ -93,6 +93,13 @@ class Source(abc.ABC):
     ) -> contextlib.AbstractContextManager[Opened]:
         """The weights' layers, fetched if they must be, each array read when used."""
 
+    def fetch(
+        self, architecture: Architecture, needs_top: bool, announce: Callable[[str], None]
+    ) -> None:
+        """Put the weights on this machine if they are published elsewhere, saying so to
+        ``announce`` before a download; most sources have nothing to fetch."""
+        return None
+
 
 class FileSource(Source):
     """Weights in a file the user names, read by a layout's reader."""
@@ -163,6 +170,11 @@ class KerasImageNet(Source):
         fname = published_file(architecture, needs_top).fname
         return WeightsRecord("imagenet", fname, "", None, "keras")
 
+    def fetch(
+        self, architecture: Architecture, needs_top: bool, announce: Callable[[str], None]
+    ) -> None:
+        fetch_imagenet(published_file(architecture, needs_top), announce)
+
     @contextlib.contextmanager
     def open(
         self, architecture: Architecture, needs_top: bool, weights: str, seed: int
@@ -188,19 +200,40 @@ class TimmImageNet(Source):
         self, architecture: Architecture, needs_top: bool, weights: str, seed: int
     ) -> WeightsRecord:
         published = pytorch_files.release(architecture)
-        return WeightsRecord("timm", published.timm_fname, "", None, "timm", self.preprocessing)
+        layout = "timm"  # what a download will be; a file put in its place may be another
+        with contextlib.suppress(WeightsMismatchError):
+            if published.cached_path().is_file():
+                layout = pytorch_files.pytorch_layout(published.cached_path())
+        return WeightsRecord("timm", published.timm_fname, "", None, layout, self.preprocessing)
+
+    def fetch(
+        self, architecture: Architecture, needs_top: bool, announce: Callable[[str], None]
+    ) -> None:
+        pytorch_files.fetch_timm(
+            pytorch_files.release(architecture), _megabytes(architecture), announce
+        )
 
     @contextlib.contextmanager
     def open(
         self, architecture: Architecture, needs_top: bool, weights: str, seed: int
     ) -> Iterator[Opened]:
-        size_mb = round(architecture.catalogue().params * 4 / 1e6)
-        path = pytorch_files.fetch_timm(pytorch_files.release(architecture), size_mb)
-        record = WeightsRecord(
-            "timm", path.name, file_sha256(path), None, "timm", self.preprocessing
-        )
-        with pytorch_files.pytorch_layers(path) as layers:
-            yield Opened(record, layers, str(path))
+        published = pytorch_files.release(architecture)
+        path = pytorch_files.fetch_timm(published, _megabytes(architecture))
+        try:
+            record = WeightsRecord(
+                "timm", path.name, file_sha256(path), None, pytorch_files.pytorch_layout(path),
+                self.preprocessing,
+            )  # fmt: skip
+            with pytorch_files.pytorch_layers(path) as layers:
+                yield Opened(record, layers, str(path))
+        except WeightsMismatchError as error:
+            # Whatever the reason, the way out is the same: the right file in that place.
+            reason = str(error).removeprefix(f"weights file {path} ").split("; ")[0]
+            raise WeightsMismatchError(
+                f"the cached file {path} is not timm's {published.timm_repository} "
+                f"({reason}); delete it and vggfeat downloads it again, or put timm's "
+                f"model.safetensors for {architecture.name} there"
+            ) from error
 
 
 class KerasFile(FileSource):
@@ -226,7 +259,7 @@ class PyTorchFile(FileSource):
     preprocessing = pytorch_files.PREPROCESSING
 
     def claims(self, weights: str) -> bool:
-        return pytorch_files.is_safetensors(_head(weights), _size(weights))
+        return pytorch_files.is_safetensors(_head(weights))
 
     def layout(self, path: Path) -> str:
         return pytorch_files.pytorch_layout(path)
@@ -243,28 +276,28 @@ SOURCES: tuple[Source, ...] = (
     KerasFile(),
     PyTorchFile(),
 )
+#: What ``--weights`` takes besides a path.
+KEYWORDS = tuple(source.name for source in SOURCES if not source.local)
 
 
 def source_of(weights: str | os.PathLike) -> Source:
-    """The source ``weights`` names; for a path, the one its first bytes say.
+    """The source ``weights`` names: a keyword (``KEYWORDS``), or a path, whose first bytes
+    say which file source reads it.
 
-    Raises ``WeightsUnavailableError`` for a file that does not exist and
+    Raises ``WeightsUnavailableError`` for a file that is not there and
     ``WeightsMismatchError`` for one no source reads: a PyTorch pickle with
-    the two lines that convert it, anything else with what is read.
+    the two lines that convert it, anything else with what it is.
     """
     text = os.fspath(weights)
     for source in SOURCES:
         if not source.local and source.claims(text):
             return source
     path = Path(text)
-    if not path.is_file():
-        raise WeightsUnavailableError(
-            f"weights file {path} does not exist; --weights takes imagenet, timm, random or a path"
-        )
+    _require_file(path)
     for source in SOURCES:
         if source.local and source.claims(text):
             return source
-    if pytorch_files.is_pickle(path, _head(text)):
+    if pytorch_files.is_pickle(_head(text)):
         raise WeightsMismatchError(
             f"weights file {path} is a PyTorch pickle, which vggfeat never unpickles (it can "
             "run any code); convert it to safetensors with torch, then use that file:\n"
@@ -274,6 +307,35 @@ def source_of(weights: str | os.PathLike) -> Source:
         f"weights file {path} is neither a Keras weights file (.h5, .weights.h5) nor a "
         "safetensors file (PyTorch's layout)"
     )
+
+
+def _require_file(path: Path) -> None:
+    """Refuse a path that is not a readable file, saying what it is instead."""
+    choices = f"--weights takes {', '.join(KEYWORDS)} or the path of a file"
+    if not str(path) or str(path) == ".":
+        raise WeightsUnavailableError(f"--weights names nothing; {choices}")
+    if path.is_dir():
+        raise WeightsUnavailableError(f"weights file {path} is a folder; {choices}")
+    if not path.exists():
+        raise WeightsUnavailableError(f"weights file {path} does not exist; {choices}")
+    if not path.is_file():
+        raise WeightsUnavailableError(f"weights file {path} is not a regular file; {choices}")
+
+
+def fetch_weights(
+    architecture: Architecture,
+    needs_top: bool,
+    weights: str | os.PathLike,
+    announce: Callable[[str], None],
+) -> None:
+    """Download published weights into the cache now, if they are not there, saying so to
+    ``announce`` first: before any network is built, and on a cluster before any actor starts."""
+    source_of(weights).fetch(architecture, needs_top, announce)
+
+
+def _megabytes(architecture: Architecture) -> int:
+    """The size of a network's float32 weights, as the published files have them."""
+    return round(architecture.catalogue().params * 4 / 1e6)
 
 
 def identify_weights(
@@ -404,13 +466,6 @@ def _head(path: str) -> bytes:
         return b""
 
 
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
 def _array_initialiser(array: Any) -> Callable[..., np.ndarray]:
     """A Keras initialiser that returns ``array`` (read from the file only now)."""
 
@@ -433,19 +488,24 @@ def _match(
 ) -> dict[str, StoredLayer]:
     """Each weighted layer's stored layer: the file's next of its kind, or fail naming it."""
     by_kind = {kind: [s for s in stored if s.kind == kind] for kind in ("conv", "norm", "dense")}
-    _check_batch_norm(bool(by_kind["norm"]), architecture, path)
     file_convs = len(by_kind["conv"])
     file_depth = next((d for d, b in BLOCK_DEPTHS.items() if sum(b) == file_convs), None)
+    _check_batch_norm(bool(by_kind["norm"]), file_depth, architecture, path)
     for_depth = f"; the file holds {file_convs} conv layers, " + (
         f"as VGG{file_depth} does (--depth {file_depth})" if file_depth else "as no VGG does"
     )
+    dense = [layer for layer in architecture.layers if layer.kind == "dense"]
     upcoming = {kind: iter(queue) for kind, queue in by_kind.items()}
     chosen = {}
     for layer in layers:
         candidate = next(upcoming[layer.kind], None)
         if candidate is None:
-            no_top = layer.kind == "dense"
-            hint = "; a no-top file serves cuts up to pool5 only" if no_top else for_depth
+            held = len(by_kind["dense"])
+            hint = for_depth
+            if layer.kind == "dense" and not held:
+                hint = "; a no-top file serves cuts up to pool5 only"
+            elif layer.kind == "dense":
+                hint = f"; the file's classifier ends at {dense[held - 1].alias}"
             raise WeightsMismatchError(
                 f"weights file {path} has no weights for {layer.name} ({layer.alias}){hint}"
             )
@@ -463,15 +523,21 @@ def _match(
     return chosen
 
 
-def _check_batch_norm(file_has_norm: bool, architecture: Architecture, path: str) -> None:
-    """Refuse batch norm in the file against none in the network, and the other way round."""
+def _check_batch_norm(
+    file_has_norm: bool, file_depth: int | None, architecture: Architecture, path: str
+) -> None:
+    """Refuse batch norm in the file against none in the network, and the other way round,
+    naming the network the file is for."""
+    depth = file_depth or architecture.depth
+    other_depth = f" and --depth {depth}" if depth != architecture.depth else ""
     if file_has_norm and not architecture.batch_norm:
         raise WeightsMismatchError(
-            f"weights file {path} has batch norm after its convolutions (a "
-            f"vgg{architecture.depth}_bn file); add --batch-norm"
+            f"weights file {path} has batch norm after its convolutions (a vgg{depth}_bn "
+            f"file); add --batch-norm{other_depth}"
         )
     if architecture.batch_norm and not file_has_norm:
         raise WeightsMismatchError(
             f"weights file {path} has no batch norm after its convolutions (a plain "
-            f"vgg{architecture.depth} file); leave out --batch-norm"
+            f"vgg{depth} file); leave out --batch-norm"
+            + (f", and use --depth {depth}" if other_depth else "")
         )
