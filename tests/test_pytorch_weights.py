@@ -334,7 +334,9 @@ def test_a_file_that_does_not_fit_names_the_first_mismatch(feature_files, tmp_pa
     with pytest.raises(WeightsMismatchError) as error:
         _cut(path, depth=11)
     assert "at block2_conv1 (conv2_1)" in str(error.value)  # VGG13 has conv1_2 there
-    assert "the file's features.2 has (3, 3, 64, 64)" in str(error.value)
+    assert "expects (128, 64, 3, 3), (128,), the file's features.2 has (64, 64, 3, 3)" in str(
+        error.value
+    )  # in the file's own terms, (out, in, kh, kw)
     assert "as VGG13 does (--depth 13)" in str(error.value)
 
     missing = dict(state)
@@ -346,8 +348,8 @@ def test_a_file_that_does_not_fit_names_the_first_mismatch(feature_files, tmp_pa
     reshaped["features.0.weight"] = np.zeros((64, 3, 5, 5), np.float32)
     with pytest.raises(
         WeightsMismatchError,
-        match=r"at block1_conv1 \(conv1_1\): the network expects \(3, 3, 3, 64\), \(64,\), "
-        r"the file's features\.0 has \(5, 5, 3, 64\), \(64,\)",
+        match=r"at block1_conv1 \(conv1_1\): the network expects \(64, 3, 3, 3\), \(64,\), "
+        r"the file's features\.0 has \(64, 3, 5, 5\), \(64,\)",
     ):
         _cut(save_safetensors(reshaped, tmp_path / "reshaped.safetensors"), depth=13)
 
@@ -556,15 +558,15 @@ def test_a_file_is_known_by_its_contents_not_its_name(feature_files, photos, tmp
     copy = tmp_path / "renamed.safetensors"
     copy.write_bytes(path.read_bytes())
     output = tmp_path / "f.h5"
-    common = ["-o", str(output), "--depth", "11", "--layer", "pool1", "--image-size", "32", "-q"]
-    assert run_cli("extract", str(photos), "--weights", str(path), *common).returncode == 0
+    options = {"depth": 11, "layers": ["pool1"], "image_size": 32}
+    vggfeat.extract(photos, output, weights=str(path), **options)
     more = make_photos(tmp_path / "more", 1, seed=11)
-    done = run_cli("extract", str(photos), str(more), "--weights", str(copy), *common)
-    assert done.returncode == 0, done.stderr
+    vggfeat.extract([photos, more], output, weights=str(copy), **options)
     assert vggfeat.load(output).features["pool1"].shape[0] == 3
-    done = run_cli("extract", str(more), "--weights", "random", *common)
-    assert done.returncode == 1
-    assert f"--weights {path.name} in the file, random now" in done.stderr
+    newer = make_photos(tmp_path / "newer", 1, seed=14)
+    with pytest.raises(vggfeat.VggfeatError) as error:
+        vggfeat.extract([newer], output, weights="random", **options)
+    assert f"--weights {path.name} in the file, random now" in str(error.value)
 
 
 def test_a_download_is_one_notice_and_quiet_means_quiet(keras_home, photos, tmp_path):
@@ -595,3 +597,48 @@ def test_a_wrong_cached_timm_file_says_how_to_get_the_right_one(keras_home, feat
     assert message.startswith(f"the cached file {cached} is not timm's timm/vgg11.tv_in1k (")
     assert message.endswith("delete it and vggfeat downloads it again, or put timm's "
                             "model.safetensors for VGG11 there")  # fmt: skip
+
+
+def test_weights_holding_nan_are_refused_by_layer(feature_files, photos, tmp_path):
+    state = dict(feature_files(11, False)[0])
+    state["features.3.weight"] = state["features.3.weight"].copy()
+    state["features.3.weight"][0, 0, 0, 0] = np.nan
+    path = save_safetensors(state, tmp_path / "nan.safetensors")
+    with pytest.raises(WeightsMismatchError, match=r"holds NaN or infinite values in features\.3"):
+        vggfeat.extract(photos, tmp_path / "f.h5", depth=11, weights=str(path),
+                        layers=["pool5"], image_size=32)  # fmt: skip
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_files_in_neither_layout_and_pickles_named_otherwise(feature_files, tmp_path):
+    state = dict(feature_files(11, False)[0])
+    state["classifier.6.bias"] = np.zeros(10, np.float32)
+    state["head.fc.weight"] = np.zeros((10, 4096), np.float32)
+    with pytest.raises(WeightsMismatchError, match="holds both torchvision's classifier"):
+        _cut(save_safetensors(state, tmp_path / "mixed.safetensors"))
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(b"PK\x03\x04" + bytes(60))
+    with pytest.raises(WeightsMismatchError) as error:
+        _cut(fake)
+    assert str(error.value).endswith(f"{str(tmp_path / 'fake.converted.safetensors')!r})")
+
+
+def test_timm_weights_are_pinned_by_their_contents(keras_home, feature_files, photos, tmp_path):
+    _, first = feature_files(11, False)
+    cached = keras_home / "models" / "timm_vgg11.tv_in1k.safetensors"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(first.read_bytes())
+    output = tmp_path / "f.h5"
+    options = {"depth": 11, "layers": ["pool1"], "image_size": 32}
+    vggfeat.extract(photos, output, weights="timm", **options)
+    more = make_photos(tmp_path / "more", 1, seed=12)
+    # The same bytes by their path continue the file: the contents are the weights.
+    vggfeat.extract([photos, more], output, weights=str(first), **options)
+    assert len(vggfeat.load(output).paths) == 3
+    # Other numbers in the cache's place are other weights.
+    state = dict(feature_files(11, False)[0])
+    state["features.0.bias"] = state["features.0.bias"] + 1
+    save_safetensors(state, cached)
+    newer = make_photos(tmp_path / "newer", 1, seed=13)
+    with pytest.raises(vggfeat.VggfeatError, match="the weights file's contents, SHA-256"):
+        vggfeat.extract([photos, more, newer], output, weights="timm", **options)

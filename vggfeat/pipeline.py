@@ -29,7 +29,13 @@ from vggfeat.options import ExtractOptions
 from vggfeat.preprocessing import preprocessing
 from vggfeat.runtime import require
 from vggfeat.store import Assembly, Layout, RunWriter, Shard, output_path, parts_folder
-from vggfeat.weights import WeightsRecord, check_fits, fetch_weights, identify_weights
+from vggfeat.weights import (
+    WeightsRecord,
+    check_fits,
+    fetch_weights,
+    identify_weights,
+    source_of,
+)
 
 
 @dataclass(frozen=True)
@@ -204,7 +210,7 @@ class _Run:
         """Plan, drive, finish; on a stop or an error, keep what is computed first."""
         writer: RunWriter | None = None
         try:
-            writer = self._plan(engine, weights, images)
+            writer = self._plan(engine, self._fetched(weights), images)
             pruned = writer.pruned(self.options.yes) if self.options.prune else set()
             self._drive(engine, writer)
             return self._finish(engine, writer, pruned)
@@ -222,6 +228,23 @@ class _Run:
             raise
 
     # Plan ---------------------------------------------------------------------------------
+
+    def _fetched(self, weights: WeightsRecord) -> WeightsRecord:
+        """The weights' record, with their SHA-256 where only it pins their contents (timm's
+        file, which no published hash does): then they are downloaded now, before the
+        output's settings are made, if they are missing."""
+        options = self.options
+        if source_of(options.weights).pinned:
+            return weights
+        self._fetch()
+        return identify_weights(
+            options.architecture, options.needs_top, options.weights, options.seed
+        )
+
+    def _fetch(self) -> None:
+        """Published weights downloaded if missing, announced first as a notice."""
+        options = self.options
+        fetch_weights(options.architecture, options.needs_top, options.weights, self._notice)
 
     def _plan(self, engine: Engine, weights: WeightsRecord, images: list[str]) -> RunWriter:
         """The settings, and the store opened for them: what this process has to do."""
@@ -263,8 +286,7 @@ class _Run:
         if self.total:
             layout = writer.plan.layout
             job = self.options.job(layout.layers, layout.settings)
-            options = self.options
-            fetch_weights(options.architecture, options.needs_top, options.weights, self._notice)
+            self._fetch()
             self._notice(*engine.start(job, self.total))
         self.first_batch = time.perf_counter()
         for work in writer.work:

@@ -56,10 +56,14 @@ class Settings:
         """
         ours, theirs = self._compared(), other._compared()
         if ours["weights_sha256"] and theirs["weights_sha256"]:
-            # A file is the same weights under any name (a copy, a link): its contents say.
-            del ours["weights_file"], theirs["weights_file"]
+            # Weights are the same under any name or source (a copy, a link, timm's file
+            # given by its path): their contents say.
+            for values in (ours, theirs):
+                del values["weights_file"], values["weights"]
+        else:  # weights whose contents are pinned otherwise (Keras's published hash), or none
+            del ours["weights_sha256"], theirs["weights_sha256"]
         for values in (ours, theirs):
-            if values["weights"] in FILE_SOURCES:  # shown as --weights takes it: the file
+            if values.get("weights") in FILE_SOURCES:  # shown as --weights takes it: the file
                 values["weights"] = values.get("weights_file") or values["weights"]
         found = []
         for key in ours:

@@ -60,6 +60,8 @@ _NORM_KEYS = ("weight", "bias", "running_mean", "running_var")
 def conversion(path: Path) -> str:
     """The two lines of Python, with torch, that turn a PyTorch pickle into safetensors."""
     target = path.with_suffix(".safetensors")
+    if target == path:  # a pickle named .safetensors: the conversion must not overwrite it
+        target = path.with_suffix(".converted.safetensors")
     return (
         "import torch, safetensors.torch\n"
         f"safetensors.torch.save_file(torch.load({str(path)!r}, weights_only=True), "
@@ -131,9 +133,13 @@ def _layout(keys: dict[str, str], path: Path) -> str:
             f"weights file {path} holds no features.N tensors: it is not a VGG in "
             "torchvision's or timm's layout"
         )
-    if any(key.startswith(("pre_logits.", "head.")) for key in keys):
-        return "timm"
-    return "torchvision"
+    timm = any(key.startswith(("pre_logits.", "head.")) for key in keys)
+    if timm and any(key.startswith("classifier.") for key in keys):
+        raise WeightsMismatchError(
+            f"weights file {path} holds both torchvision's classifier (classifier.N) and "
+            "timm's (pre_logits, head): it is in neither layout"
+        )
+    return "timm" if timm else "torchvision"
 
 
 def _features(file: Any, keys: dict[str, str], path: Path) -> list[StoredLayer]:
@@ -154,11 +160,11 @@ def _features(file: Any, keys: dict[str, str], path: Path) -> list[StoredLayer]:
         if rank == 1:  # a batch norm's scale
             _require(parts, _NORM_KEYS, label, path)
             arrays = tuple(_vector(file, keys[parts[name]], path) for name in _NORM_KEYS)
-            layers.append(StoredLayer(label, None, arrays))
+            layers.append(StoredLayer(label, None, arrays, pytorch=True))
         elif rank == 4:
             kernel = _kernel(file, keys[parts["weight"]], path)
             bias = _vector(file, keys[parts["bias"]], path)
-            layers.append(StoredLayer(label, None, (kernel, bias)))
+            layers.append(StoredLayer(label, None, (kernel, bias), pytorch=True))
         else:
             raise WeightsMismatchError(
                 f"weights file {path} holds {label}.weight with {rank} axes, neither a "
@@ -200,7 +206,7 @@ def _kernel(file: Any, key: str, path: Path) -> Deferred:
         kernel = np.asarray(file.get_tensor(key), np.float32)
         return np.ascontiguousarray(kernel.transpose(2, 3, 1, 0))
 
-    return Deferred((height, width, inputs, out), read)
+    return Deferred((height, width, inputs, out), read, (out, inputs, height, width))
 
 
 def _dense(
@@ -247,7 +253,7 @@ def _dense(
         return kernel
 
     bias = _vector(file, keys[f"{prefix}.bias"], path)
-    return StoredLayer(label, None, (Deferred((inputs, out), read), bias))
+    return StoredLayer(label, None, (Deferred((inputs, out), read, shape), bias), pytorch=True)
 
 
 @dataclass(frozen=True)

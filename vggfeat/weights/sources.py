@@ -76,6 +76,10 @@ class Source(abc.ABC):
     preprocessing: ClassVar[str] = "caffe"
     local: ClassVar[bool] = False
     """Whether the weights are on this machine already, to be checked before a run starts."""
+    pinned: ClassVar[bool] = True
+    """Whether ``identify`` pins the weights' numbers before any download (by a seed, a
+    published hash, a local file's SHA-256). timm's file is pinned only by its SHA-256,
+    known once it is downloaded: an output's settings need it before the run starts."""
 
     @abc.abstractmethod
     def claims(self, weights: str) -> bool:
@@ -192,6 +196,7 @@ class TimmImageNet(Source):
 
     name = "timm"
     preprocessing = pytorch_files.PREPROCESSING
+    pinned = False  # timm publishes no hash beside its files
 
     def claims(self, weights: str) -> bool:
         return weights == "timm"
@@ -200,11 +205,16 @@ class TimmImageNet(Source):
         self, architecture: Architecture, needs_top: bool, weights: str, seed: int
     ) -> WeightsRecord:
         published = pytorch_files.release(architecture)
-        layout = "timm"  # what a download will be; a file put in its place may be another
+        cached = published.cached_path()
+        if not cached.is_file():  # '' until fetched: what a download will be
+            return WeightsRecord("timm", cached.name, "", None, "timm", self.preprocessing)
+        # No published hash pins timm's file: its SHA-256 does, in the output's settings.
+        layout = "timm"  # a file put in its place may be another; open() refuses a bad one
         with contextlib.suppress(WeightsMismatchError):
-            if published.cached_path().is_file():
-                layout = pytorch_files.pytorch_layout(published.cached_path())
-        return WeightsRecord("timm", published.timm_fname, "", None, layout, self.preprocessing)
+            layout = pytorch_files.pytorch_layout(cached)
+        return WeightsRecord(
+            "timm", cached.name, file_sha256(cached), None, layout, self.preprocessing
+        )
 
     def fetch(
         self, architecture: Architecture, needs_top: bool, announce: Callable[[str], None]
@@ -421,7 +431,10 @@ def build_with_weights(
             return architecture.build(image_size, up_to, drawn, dtype), record
         expected = architecture.catalogue(image_size).weight_shapes()
         chosen = _match(layers, opened.layers, expected, architecture, opened.path)
-        initial = {name: [_array_initialiser(a) for a in c.arrays] for name, c in chosen.items()}
+        initial = {
+            name: [_array_initialiser(a, c.label, opened.path) for a in c.arrays]
+            for name, c in chosen.items()
+        }
         model = architecture.build(image_size, up_to, dtype=dtype, initial=initial)
     return model, record
 
@@ -466,11 +479,18 @@ def _head(path: str) -> bytes:
         return b""
 
 
-def _array_initialiser(array: Any) -> Callable[..., np.ndarray]:
-    """A Keras initialiser that returns ``array`` (read from the file only now)."""
+def _array_initialiser(array: Any, label: str, path: str) -> Callable[..., np.ndarray]:
+    """A Keras initialiser that returns ``array`` (read from the file only now), refusing
+    one that holds NaN or infinity: every feature downstream of it would."""
 
     def initial(shape: tuple[int, ...], dtype: object = None) -> np.ndarray:
-        return np.asarray(array)
+        values = np.asarray(array)
+        # One pass, no copy: a sum is finite only if every value is.
+        if not np.isfinite(np.sum(values, dtype=np.float64)):
+            raise WeightsMismatchError(
+                f"weights file {path} holds NaN or infinite values in {label}"
+            )
+        return values
 
     return initial
 
@@ -513,8 +533,9 @@ def _match(
         if not shapes_fit or candidate.name not in (None, layer.name):
             raise WeightsMismatchError(
                 f"weights file {path} does not fit {architecture.name} at {layer.name} "
-                f"({layer.alias}): the network expects {_shapes(expected[layer.name])}, the "
-                f"file's {candidate.label} has {_shapes(a.shape for a in candidate.arrays)}"
+                f"({layer.alias}): the network expects "
+                f"{_shapes(candidate.in_file_terms(expected[layer.name]))}, the file's "
+                f"{candidate.label} has {_shapes(candidate.stored_shapes())}"
                 + (for_depth if file_depth != architecture.depth else "")
             )
         chosen[layer.name] = candidate

@@ -33,6 +33,8 @@ class Deferred:
 
     shape: tuple[int, ...]
     read: Callable[[], np.ndarray]
+    stored: tuple[int, ...] | None = None
+    """The shape as the file holds it, where its layout differs from Keras's."""
 
     @property
     def ndim(self) -> int:
@@ -52,6 +54,21 @@ class StoredLayer:
     name: str | None
     """The Keras layer name, where the layout records one."""
     arrays: tuple[ArrayLike, ...]
+    pytorch: bool = False
+    """Whether the file holds it in PyTorch's layout: (out, in, kh, kw) and (out, in)."""
+
+    def stored_shapes(self) -> list[tuple[int, ...]]:
+        """Each array's shape as the file holds it, for messages."""
+        return [getattr(array, "stored", None) or tuple(array.shape) for array in self.arrays]
+
+    def in_file_terms(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """Keras's shapes as this file's layout writes them, for messages."""
+        if not self.pytorch:
+            return shapes
+        return [
+            (s[3], s[2], s[0], s[1]) if len(s) == 4 else (s[1], s[0]) if len(s) == 2 else s
+            for s in shapes
+        ]
 
     @property
     def kind(self) -> str:
@@ -65,4 +82,5 @@ class StoredLayer:
 
     def read(self) -> StoredLayer:
         """The same layer with its arrays in memory."""
-        return StoredLayer(self.label, self.name, tuple(np.asarray(a) for a in self.arrays))
+        arrays = tuple(np.asarray(a) for a in self.arrays)
+        return StoredLayer(self.label, self.name, arrays, self.pytorch)
