@@ -68,7 +68,7 @@ class Layer:
     activation: str | None = None
     output: str = ""
     """The Keras layer whose output a cut here takes, if not this one: a convolution
-    with batch norm has its ReLU after the norm (``block1_conv1_relu``)."""
+    with batch norm has its ReLU after the norm (``block1_conv1_bn_relu``)."""
 
     @property
     def is_top(self) -> bool:
