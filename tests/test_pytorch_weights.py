@@ -642,3 +642,22 @@ def test_timm_weights_are_pinned_by_their_contents(keras_home, feature_files, ph
     newer = make_photos(tmp_path / "newer", 1, seed=13)
     with pytest.raises(vggfeat.VggfeatError, match="the weights file's contents, SHA-256"):
         vggfeat.extract([photos, more, newer], output, weights="timm", **options)
+
+
+def test_published_weights_are_fetched_on_the_runs_backend(
+    keras_home, feature_files, photos, tmp_path
+):
+    # The download step starts Keras before the network does: on the run's backend, or the
+    # network could not start on JAX in the same process.
+    _, path = feature_files(11, False)
+    cached = keras_home / "models" / "timm_vgg11.tv_in1k.safetensors"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(path.read_bytes())
+    output = tmp_path / "jax.h5"
+    done = run_cli(
+        "extract", str(photos), "-o", str(output), "--depth", "11", "--weights", "timm",
+        "--layer", "pool1", "--image-size", "32", "--backend", "jax", "-q",
+        env={"KERAS_HOME": str(keras_home)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert vggfeat.load(output).attributes["backend"] == "jax"

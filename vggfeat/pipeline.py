@@ -244,7 +244,9 @@ class _Run:
     def _fetch(self) -> None:
         """Published weights downloaded if missing, announced first as a notice."""
         options = self.options
-        fetch_weights(options.architecture, options.needs_top, options.weights, self._notice)
+        fetch_weights(
+            options.architecture, options.needs_top, options.weights, self._notice, options.backend
+        )
 
     def _plan(self, engine: Engine, weights: WeightsRecord, images: list[str]) -> RunWriter:
         """The settings, and the store opened for them: what this process has to do."""

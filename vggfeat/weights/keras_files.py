@@ -86,7 +86,11 @@ def published_file(architecture: Architecture, include_top: bool) -> PublishedFi
         ) from None
 
 
-def fetch_imagenet(published: PublishedFile, announce: Callable[[str], None] | None = None) -> Path:
+def fetch_imagenet(
+    published: PublishedFile,
+    announce: Callable[[str], None] | None = None,
+    backend: str | None = None,
+) -> Path:
     """The path of a published file in Keras's cache, downloading it there if missing."""
     return fetch(
         published.fname,
@@ -94,6 +98,7 @@ def fetch_imagenet(published: PublishedFile, announce: Callable[[str], None] | N
         published.md5,
         f"the ImageNet file {published.fname} (about {published.approx_mb} MB)",
         announce,
+        backend,
     )
 
 
@@ -103,17 +108,19 @@ def fetch(
     md5: str | None,
     what: str,
     announce: Callable[[str], None] | None = None,
+    backend: str | None = None,
 ) -> Path:
     """The path of ``fname`` in Keras's cache folder ``models``, downloaded from ``url`` by
     Keras's ``get_file`` if missing (and checked against ``md5``, where one is published).
 
     A download is reported to ``announce`` as one line, before it starts; without one,
-    Keras's own report and progress go to standard error. Raises
-    ``WeightsUnavailableError`` naming ``what``, the folder and the way out.
+    Keras's own report and progress go to standard error. Keras is started on
+    ``backend`` (the run's: a process holds one), else on the one it runs on.
+    Raises ``WeightsUnavailableError`` naming ``what``, the folder and the way out.
     """
-    from vggfeat.runtime import keras_module
+    from vggfeat.runtime import keras_module, start
 
-    keras = keras_module()
+    keras = start(backend) if backend else keras_module()
     cache = keras_cache_dir()
     report: Any = sys.stderr
     if announce is not None:

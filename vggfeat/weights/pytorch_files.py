@@ -298,7 +298,10 @@ def release(architecture: Architecture) -> Release:
 
 
 def fetch_timm(
-    published: Release, size_mb: int, announce: Callable[[str], None] | None = None
+    published: Release,
+    size_mb: int,
+    announce: Callable[[str], None] | None = None,
+    backend: str | None = None,
 ) -> Path:
     """The path of timm's file for a network in Keras's cache, downloaded there if missing.
     timm publishes no hash beside the file: it is checked by reading it, layer by layer."""
@@ -308,6 +311,7 @@ def fetch_timm(
         None,
         f"timm's {published.timm_repository} file {published.timm_fname} (about {size_mb} MB)",
         announce,
+        backend,
     )
 
 

@@ -98,10 +98,15 @@ class Source(abc.ABC):
         """The weights' layers, fetched if they must be, each array read when used."""
 
     def fetch(
-        self, architecture: Architecture, needs_top: bool, announce: Callable[[str], None]
+        self,
+        architecture: Architecture,
+        needs_top: bool,
+        announce: Callable[[str], None],
+        backend: str,
     ) -> None:
         """Put the weights on this machine if they are published elsewhere, saying so to
-        ``announce`` before a download; most sources have nothing to fetch."""
+        ``announce`` before a download (Keras's downloader starts on ``backend``); most
+        sources have nothing to fetch."""
         return None
 
 
@@ -175,9 +180,13 @@ class KerasImageNet(Source):
         return WeightsRecord("imagenet", fname, "", None, "keras")
 
     def fetch(
-        self, architecture: Architecture, needs_top: bool, announce: Callable[[str], None]
+        self,
+        architecture: Architecture,
+        needs_top: bool,
+        announce: Callable[[str], None],
+        backend: str,
     ) -> None:
-        fetch_imagenet(published_file(architecture, needs_top), announce)
+        fetch_imagenet(published_file(architecture, needs_top), announce, backend)
 
     @contextlib.contextmanager
     def open(
@@ -217,10 +226,14 @@ class TimmImageNet(Source):
         )
 
     def fetch(
-        self, architecture: Architecture, needs_top: bool, announce: Callable[[str], None]
+        self,
+        architecture: Architecture,
+        needs_top: bool,
+        announce: Callable[[str], None],
+        backend: str,
     ) -> None:
         pytorch_files.fetch_timm(
-            pytorch_files.release(architecture), _megabytes(architecture), announce
+            pytorch_files.release(architecture), _megabytes(architecture), announce, backend
         )
 
     @contextlib.contextmanager
@@ -337,10 +350,12 @@ def fetch_weights(
     needs_top: bool,
     weights: str | os.PathLike,
     announce: Callable[[str], None],
+    backend: str,
 ) -> None:
     """Download published weights into the cache now, if they are not there, saying so to
-    ``announce`` first: before any network is built, and on a cluster before any actor starts."""
-    source_of(weights).fetch(architecture, needs_top, announce)
+    ``announce`` first: before any network is built, and on a cluster before any actor starts.
+    Keras, whose downloader this is, starts on ``backend``, the run's."""
+    source_of(weights).fetch(architecture, needs_top, announce, backend)
 
 
 def _megabytes(architecture: Architecture) -> int:
