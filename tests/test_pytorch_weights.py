@@ -489,14 +489,22 @@ def test_the_output_is_never_the_weights_file(feature_files, photos, tmp_path):
     _, path = feature_files(11, False)
     victim = tmp_path / "victim.h5"
     victim.write_bytes(path.read_bytes())
-    for output in (victim, tmp_path / "out.safetensors", tmp_path / "out.pth"):
+    linked = tmp_path / "link.h5"
+    linked.symlink_to(victim)
+    expected = {
+        victim: f"Error: -o {victim} is the weights file (--weights {victim}); name another output",
+        linked: f"Error: -o {linked} is the weights file (--weights {victim}); name another output",
+        tmp_path / "out.safetensors": "extract writes HDF5 only",
+        tmp_path / "out.pth": "extract writes HDF5 only",
+    }
+    for output, message in expected.items():
         done = run_cli(
             "extract", str(photos), "--weights", str(victim), "-o", str(output), "--depth",
             "11", "--layer", "pool1", "--image-size", "32", "--overwrite",
         )  # fmt: skip
         assert done.returncode == 2, done.stderr
+        assert message in done.stderr
     assert victim.read_bytes() == path.read_bytes()
-    assert "is the weights file (--weights" in done.stderr or "extract writes HDF5" in done.stderr
 
 
 def test_a_missing_or_odd_tensor_is_named(feature_files, tmp_path):
