@@ -81,9 +81,10 @@ class Source(abc.ABC):
     published hash, a local file's SHA-256). timm's file is pinned only by its SHA-256,
     known once it is downloaded: an output's settings need it before the run starts."""
 
-    @abc.abstractmethod
     def claims(self, weights: str) -> bool:
-        """Whether ``--weights`` names this source (asked of a path only if it exists)."""
+        """Whether ``--weights`` names this source: a published or drawn source by its name
+        (a file source looks at the file, asked only if it exists)."""
+        return weights == self.name
 
     @abc.abstractmethod
     def identify(
@@ -144,9 +145,6 @@ class RandomWeights(Source):
 
     name = "random"
 
-    def claims(self, weights: str) -> bool:
-        return weights == "random"
-
     def identify(
         self, architecture: Architecture, needs_top: bool, weights: str, seed: int
     ) -> WeightsRecord:
@@ -163,9 +161,6 @@ class KerasImageNet(Source):
     """The ImageNet files Keras publishes (VGG16, VGG19), fetched once into Keras's cache."""
 
     name = "imagenet"
-
-    def claims(self, weights: str) -> bool:
-        return weights == "imagenet"
 
     def identify(
         self, architecture: Architecture, needs_top: bool, weights: str, seed: int
@@ -206,9 +201,6 @@ class TimmImageNet(Source):
     name = "timm"
     preprocessing = pytorch_files.PREPROCESSING
     pinned = False  # timm publishes no hash beside its files
-
-    def claims(self, weights: str) -> bool:
-        return weights == "timm"
 
     def identify(
         self, architecture: Architecture, needs_top: bool, weights: str, seed: int
