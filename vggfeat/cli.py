@@ -296,7 +296,7 @@ def _pytorch_weights(architecture: Architecture) -> list[dict[str, Any]]:
             "layout": "torchvision",
             "path": None,
             "cached": False,
-            "use": "a pickle: convert it to safetensors with torch (README, Weights), "
+            "use": "a pickle: convert it to safetensors with torch (docs/weights.md), "
             "then --weights PATH",
         },
     ]
