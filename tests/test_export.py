@@ -425,7 +425,7 @@ def test_l2_normalisation_survives_extreme_values():
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        normalised = export_module._l2(rows)
+        normalised = export_module.unit_length(rows)
     np.testing.assert_allclose(np.linalg.norm(normalised[[0, 1, 3]], axis=1), 1, rtol=1e-6)
     np.testing.assert_allclose(normalised[3], [0.6, 0.8, 0], rtol=1e-6)
     assert not normalised[2].any() and np.isnan(normalised[4]).all()

@@ -13,7 +13,6 @@ axes (an unpooled conv map, (H, W, C)) is flattened in C order, index
 from __future__ import annotations
 
 import contextlib
-import difflib
 import errno
 import hashlib
 import json
@@ -27,13 +26,11 @@ from typing import IO, Any
 
 import numpy as np
 
-from vggfeat.architecture import vgg
 from vggfeat.atomic import try_lock
 from vggfeat.errors import OptionError, OutputError, VggfeatError
-from vggfeat.heads import split_label
 from vggfeat.interrupts import raise_kept_stop
-from vggfeat.store import FeatureFile, LayerSpec, open_features, output_path, parts_folder
-from vggfeat.store.layout import canonical_label
+from vggfeat.store import LayerSpec, open_features, output_path, parts_folder
+from vggfeat.text import tsv_field
 
 #: About this many bytes of features are read, converted and written at a time.
 CHUNK_BYTES = 16 << 20
@@ -232,11 +229,6 @@ def is_binary(format: str) -> bool:
     return FORMATS[format].binary_values
 
 
-def tsv_field(text: str) -> str:
-    """``text`` as one tab-separated field: backslash, tab, newline and return escaped."""
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-
-
 def export(
     path: str | os.PathLike,
     out: str | os.PathLike | IO[bytes],
@@ -268,7 +260,7 @@ def export(
     source = output_path(path)
     _check_targets(source, out, paths_to)
     with open_features(source) as file:
-        name = _choose_layer(file, layer)
+        name = file.choose_layer(layer)
         column = file.features[name]
         shape = tuple(column.shape[1:])
         writer_type = FORMATS[format]
@@ -290,7 +282,7 @@ def export(
                     raise OutputError(
                         f"{source} is damaged: rows {start:,} to {stop:,} cannot be read ({error})"
                     ) from None
-                values = _l2(values) if normalize else values.astype(dtype, copy=False)
+                values = unit_length(values) if normalize else values.astype(dtype, copy=False)
                 writer.write(chunk_paths, values)
                 if paths_stream is not None:
                     lines = "".join(tsv_field(p) + "\n" for p in chunk_paths)
@@ -338,56 +330,13 @@ def _formatted(values: np.ndarray, separator: str, json: bool = False) -> list[s
     return lines
 
 
-def _choose_layer(file: FeatureFile, layer: str | None) -> str:
-    names = list(file.features)
-    if layer is None:
-        if len(names) == 1:
-            return names[0]
-        raise OptionError(
-            f"{file.path} holds {len(names)} layers ({', '.join(names)}): choose one with --layer"
-        )
-    if layer in names:
-        return layer
-    with contextlib.suppress(VggfeatError, KeyError, ValueError):
-        found = _same_layer(file, layer)
-        if found is not None:
-            return found
-    close = difflib.get_close_matches(layer, names, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]}? " if close else ""
-    raise OptionError(f"--layer {layer}: {hint}{file.path} holds {', '.join(names)}")
-
-
-def _same_layer(file: FeatureFile, layer: str) -> str | None:
-    """The dataset ``layer`` means under another spelling: ``fc2`` for ``fc7``,
-    ``block5_pool:GeM`` for ``pool5:gem``, and ``pool5:gem`` for a ``pool5`` that
-    ``--pool gem`` made. None if none; ``OptionError`` if the layer has several."""
-    architecture = vgg(int(file.attributes["depth"]))
-    wanted = canonical_label(architecture, layer)
-    canonical = {canonical_label(architecture, name): name for name in file.layers}
-    if wanted in canonical:
-        return canonical[wanted]
-    base, head = split_label(wanted)
-    same = [name for label, name in canonical.items() if split_label(label)[0] == base]
-    if head is not None:
-        by_head = [n for n in same if file.layers[n].pooling.split("(")[0] == head]
-        return by_head[0] if len(by_head) == 1 else None
-    if len(same) == 1:  # conv5_3 for the file's one conv5_3 dataset, conv5_3:none
-        return same[0]
-    if len(same) > 1:
-        raise OptionError(
-            f"--layer {layer}: {file.path} holds {len(same)} datasets of {base} "
-            f"({', '.join(same)}): choose one"
-        )
-    return None
-
-
 def _chunks(rows: int, row_bytes: int, budget: int) -> Iterator[tuple[int, int]]:
     step = max(1, budget // max(1, row_bytes))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
 
 
-def _l2(values: np.ndarray) -> np.ndarray:
+def unit_length(values: np.ndarray) -> np.ndarray:
     """Each row over its Euclidean length, in float32; an all-zero row stays zero, and a
     row holding NaN or an infinity has no length: it comes out NaN."""
     values = values.astype(np.float32)

@@ -11,3 +11,17 @@ def storable(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a surrogate no byte made
         return text.encode("utf-8", "backslashreplace").decode()
+
+
+def tsv_field(text: str) -> str:
+    """``text`` as one tab-separated field: backslash, tab, newline and return escaped."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def printable(text: str) -> str:
+    """``text`` for a message: tab, newline and backslash as in tsv, other control
+    characters (a terminal's escape codes) and bytes that are not UTF-8 as ``\\xNN``."""
+    escaped = "".join(
+        f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in tsv_field(text)
+    )
+    return storable(escaped)

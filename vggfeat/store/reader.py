@@ -9,6 +9,8 @@ computes its images again.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from vggfeat.errors import OptionError, OutputError
+from vggfeat.architecture import vgg
+from vggfeat.errors import OptionError, OutputError, VggfeatError
+from vggfeat.heads import split_label
 from vggfeat.store.hdf5 import (
     counts,
     decode_strings,
@@ -32,7 +36,7 @@ from vggfeat.store.hdf5 import (
 )
 from vggfeat.store.identity import Identity, home_of, output_path, parts_folder
 from vggfeat.store.journal import Journal, OutputChanged, PartDamaged
-from vggfeat.store.layout import LayerSpec, Rows
+from vggfeat.store.layout import LayerSpec, Rows, canonical_label
 from vggfeat.store.plan import read_plan
 
 
@@ -251,6 +255,51 @@ class FeatureFile:
     def runs(self) -> list[dict[str, Any]]:
         """Each run that wrote rows to the file, oldest first: when, how, rows added."""
         return read_runs(self._file) if self._file is not None else []
+
+    def choose_layer(self, layer: str | None) -> str:
+        """The dataset ``layer`` names, under any of its spellings (``fc2`` for ``fc7``,
+        ``block5_pool:GeM`` for ``pool5:gem``); the file's only one when None.
+        ``OptionError`` (naming ``--layer``) when it names none, or several."""
+        names = list(self._names)
+        if layer is None:
+            if len(names) == 1:
+                return names[0]
+            raise OptionError(
+                f"{self.path} holds {len(names)} layers ({', '.join(names)}): "
+                "choose one with --layer"
+            )
+        if layer in names:
+            return layer
+        with contextlib.suppress(VggfeatError, KeyError, ValueError):
+            found = self._same_layer(layer)
+            if found is not None:
+                return found
+        close = difflib.get_close_matches(layer, names, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise OptionError(f"--layer {layer}: {hint}{self.path} holds {', '.join(names)}")
+
+    def _same_layer(self, layer: str) -> str | None:
+        """The dataset ``layer`` means under another spelling: ``fc2`` for ``fc7``,
+        ``block5_pool:GeM`` for ``pool5:gem``, and ``pool5:gem`` for a ``pool5`` that
+        ``--pool gem`` made. None if none; ``OptionError`` if the layer has several."""
+        architecture = vgg(int(self.attributes["depth"]))
+        wanted = canonical_label(architecture, layer)
+        canonical = {canonical_label(architecture, name): name for name in self.layers}
+        if wanted in canonical:
+            return canonical[wanted]
+        base, head = split_label(wanted)
+        same = [name for label, name in canonical.items() if split_label(label)[0] == base]
+        if head is not None:
+            by_head = [n for n in same if self.layers[n].pooling.split("(")[0] == head]
+            return by_head[0] if len(by_head) == 1 else None
+        if len(same) == 1:  # conv5_3 for the file's one conv5_3 dataset, conv5_3:none
+            return same[0]
+        if len(same) > 1:
+            raise OptionError(
+                f"--layer {layer}: {self.path} holds {len(same)} datasets of {base} "
+                f"({', '.join(same)}): choose one"
+            )
+        return None
 
     def storage_bytes(self, name: str) -> int:
         """Bytes layer ``name`` takes on disk in the file (0 before the file exists)."""
