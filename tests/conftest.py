@@ -241,3 +241,41 @@ def adopted_zombies() -> list[int]:
     adopted (its own subprocesses are waited for by the tests that started them)."""
     me = os.getpid()
     return [pid for pid, (state, parent) in processes().items() if (state, parent) == (b"Z", me)]
+
+
+def write_features(
+    output: Path, paths: list[str], rows: np.ndarray, layer: str = "fc7", dtype: str = "float32"
+) -> Path:
+    """A vggfeat file holding ``rows`` ((N, D)) for ``paths`` as its one layer, written by the
+    store itself, with no network: for tests of what reads features, whatever made them.
+    ``paths`` are keys: relative to the file's folder, or absolute."""
+    from vggfeat.store.hdf5 import appending, create, encoded_length, path_width
+    from vggfeat.store.layout import LayerSpec, Layout, Rows, Settings
+
+    settings = Settings(
+        depth=16, layers=(layer,), pooling="none", weights="random", weights_file="",
+        weights_sha256="", seed=0, image_size=224, resize="squash", compute_dtype="float32",
+        dtype=dtype, heads=("none",),
+    )  # fmt: skip
+    spec = LayerSpec(layer, {"fc7": "fc2", "fc6": "fc1"}.get(layer, layer), "none", rows.shape[1:])
+    layout = Layout(settings, (spec,), "none", {})
+    create(output, layout, path_width(encoded_length(paths) if paths else 1))
+    count = len(paths)
+    with appending(output) as appender:
+        unknown, none = np.full(count, -1, np.int64), np.zeros(0, np.int64)
+        features = (rows.astype(dtype),)
+        appender.add(Rows(list(paths), unknown, unknown, features, [], [], none, none))
+        appender.commit()
+    return output
+
+
+def clustered(count: int, width: int, centres: int, spread: float, seed: int = 0) -> np.ndarray:
+    """(count, width) float32 rows around ``centres`` random directions, ``spread`` apart
+    from them: the shape of real features, which gather around what the images show."""
+    rng = np.random.default_rng(seed)
+    middles = rng.standard_normal((centres, width)).astype(np.float32)
+    middles /= np.linalg.norm(middles, axis=1, keepdims=True)
+    sizes = rng.integers(1, 6, centres)  # clusters of unequal sizes
+    which = rng.choice(centres, count, p=sizes / sizes.sum())
+    noise = rng.standard_normal((count, width)).astype(np.float32) * (spread / np.sqrt(width))
+    return (middles[which] + noise).astype(np.float32)

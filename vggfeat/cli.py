@@ -22,14 +22,17 @@ from vggfeat import terminal
 from vggfeat.architecture import DEPTHS, TOP_IMAGE_SIZE, Architecture, Catalogue, vgg
 from vggfeat.engine import ENGINES, EngineOptions, engine_options, option_names
 from vggfeat.errors import OptionError, VggfeatError
-from vggfeat.export import FORMATS, NORMALIZATIONS, tsv_field
+from vggfeat.export import FORMATS, NORMALIZATIONS
 from vggfeat.heads import HEADS, SEPARATOR, parameter_options
 from vggfeat.images import RESIZE_MODES
 from vggfeat.network import PRECISIONS
 from vggfeat.preprocessing import PREPROCESSINGS
 from vggfeat.ray_engine import STALL_SECONDS
 from vggfeat.runtime import BACKENDS
+from vggfeat.search.index import SEARCHES
+from vggfeat.sheet import SECTIONS
 from vggfeat.store import COMMIT_IMAGES, COMPRESSIONS, STORED_DTYPES
+from vggfeat.text import tsv_field
 from vggfeat.weights import published_files
 from vggfeat.weights.pytorch_files import release
 
@@ -916,3 +919,431 @@ def _engine_options(name: str, **flags: Any) -> EngineOptions:
         verb = "works" if len(foreign) == 1 else "work"
         raise OptionError(f"{shown} {verb} with --engine {' or '.join(owners) or 'other'} only")
     return engine_options(name, **{ENGINE_FLAGS[flag]: value for flag, value in given.items()})
+
+
+# Searching the features: neighbors, duplicates, clusters ------------------------------------
+
+
+def result_options(command: Decorated) -> Decorated:
+    """The options every search command takes: which layer, and how to show the results."""
+    options = [
+        click.option(
+            "--layer", metavar="NAME", help="Which layer.  [default: the file's only one]"
+        ),
+        click.option(
+            "--format",
+            "format_",
+            type=click.Choice(SEARCH_FORMATS),
+            default="tsv",
+            show_default=True,
+            help="tsv: a line per result, tab-separated, paths tsv-escaped; jsonl: an object "
+            "per line.",
+        ),
+        click.option(
+            "--html",
+            type=click.Path(dir_okay=False),
+            metavar="SHEET.html",
+            help="Also write a contact sheet: one self-contained page of thumbnails.",
+        ),
+        click.option(
+            "--html-limit",
+            type=click.IntRange(min=1),
+            default=SECTIONS,
+            show_default=True,
+            metavar="N",
+            help="Queries, groups or clusters the sheet shows at most (all go to stdout).",
+        ),
+        click.option(
+            "--verbose", is_flag=True, help="Also say how the search was done, and its recall."
+        ),
+        click.option("-q", "--quiet", is_flag=True, help="No progress and no summary."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def search_option(command: Decorated) -> Decorated:
+    return click.option(
+        "--search",
+        type=click.Choice(SEARCHES),
+        default="auto",
+        show_default=True,
+        help="exact: compare with every row; approximate: an IVF index, its recall measured; "
+        "auto: exact while that is quick (about 20,000 rows of 512 against each other), else "
+        "approximate.",
+    )(command)
+
+
+SEARCH_FORMATS = ("tsv", "jsonl")
+
+
+class _SearchRun:
+    """What the three search commands share: the checks made before anything is read,
+    the layer read with progress, results written to stdout, the sheet, the notes."""
+
+    def __init__(self, file: str, html: str | None, quiet: bool, verbose: bool) -> None:
+        from vggfeat.search import require_faiss
+        from vggfeat.sheet import check_target
+
+        self.file = file
+        self.html = html
+        self.sheet = check_target(html, file) if html is not None else None
+        self.quiet = quiet
+        self.verbose = verbose
+        require_faiss()
+        self.view = terminal.StepView(quiet)
+        self.err = terminal.console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+        self.out = _Results()
+
+    def read(self, layer: str | None, expect: Callable[[int], None]) -> Any:
+        from vggfeat.search import read_vectors
+
+        with self.view:
+            vectors = read_vectors(self.file, layer, expect, on_step=self.view.update)
+        for line in vectors.damaged:
+            self.say(f"Note: {line}; the rows it holds are left out.")
+        if vectors.pending:
+            self.say(
+                f"Note: {terminal.printable(self.file)} is from a run that has not finished; "
+                f"{vectors.pending:,} of the rows are those it has committed so far."
+            )
+        if vectors.left_out:
+            one = len(vectors.left_out) == 1
+            self.say(
+                f"Note: {terminal.count(len(vectors.left_out), 'row')} of {vectors.layer} "
+                f"{'holds' if one else 'hold'} NaN or an infinity and {'is' if one else 'are'} "
+                f"left out{'' if one else ', the first'}: "
+                f"{terminal.printable(vectors.left_out[0])}."
+            )
+        return vectors
+
+    def say(self, line: str) -> None:
+        if self.quiet:
+            return
+        try:
+            self.err.print(line)
+        except BrokenPipeError:
+            terminal.drop_stderr()
+            self.quiet = True
+
+    def report(self, index: Any) -> None:
+        if self.verbose:
+            self.say(f"Search: {index.report.describe()}.")
+
+    def write_sheet(self, sheet: Any, vectors: Any) -> None:
+        from vggfeat.sheet import write_sheet
+
+        if self.sheet is None:
+            return
+        with self.view:
+            pages = write_sheet(sheet, self.sheet, vectors, on_step=self.view.update)
+        shown = sum(len(section.tiles) for section in sheet.sections)
+        more = f" and {len(pages) - 1:,} more page{'s' if len(pages) > 2 else ''}" * (
+            len(pages) > 1
+        )
+        self.say(
+            f"Wrote {terminal.printable(str(self.html))}{more}: "
+            f"{len(sheet.sections):,} of {sheet.found:,} {sheet.noun}, "
+            f"{terminal.count(shown, 'thumbnail')}."
+        )
+
+
+class _Results:
+    """Standard output for results. A reader that goes away (| head) ends the writing,
+    not the command: a sheet asked for is still written."""
+
+    def __init__(self) -> None:
+        self.closed = sys.stdout is None
+        self._stream = None if self.closed else sys.stdout.buffer
+
+    def write(self, lines: list[str]) -> None:
+        if self.closed or not lines or self._stream is None:
+            return
+        try:
+            self._stream.write(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
+        except BrokenPipeError:
+            _drop_stdout()
+            self.closed = True
+
+    def flush(self) -> None:
+        if self.closed or self._stream is None:
+            return
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            _drop_stdout()
+            self.closed = True
+
+
+def _similarity(value: float) -> str:
+    return f"{value:.6f}"
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "-k",
+    "k",
+    type=int,
+    default=10,
+    show_default=True,
+    metavar="K",
+    help="Neighbours of each row.",
+)
+@click.option(
+    "--of",
+    "of",
+    multiple=True,
+    metavar="PATH",
+    help="Only the neighbours of this image; repeat for several. As the file stores it, or a "
+    "path from here.",
+)
+@search_option
+@result_options
+def neighbors(
+    file: str,
+    k: int,
+    of: tuple[str, ...],
+    layer: str | None,
+    format_: str,
+    html: str | None,
+    html_limit: int,
+    search: str,
+    verbose: bool,
+    quiet: bool,
+) -> None:
+    """The K nearest other rows of every row of a features file (or of --of's), by cosine
+    similarity.
+
+    Writes path, rank, neighbour and similarity, tab-separated, a line per neighbour,
+    nearest first; paths are as the file stores them (relative to its folder).
+
+    \b
+    Examples:
+      vggfeat neighbors features.h5 -k 5 | head
+      vggfeat neighbors features.h5 --of photos/cat.jpg -k 20 | cut -f3
+      vggfeat neighbors features.h5 --format jsonl | jq -c '{path, best: .neighbors[0]}'
+      vggfeat neighbors features.h5 --html neighbours.html --html-limit 100
+    """
+    from vggfeat.search import NeighborSearch, check_k, rows_of
+    from vggfeat.sheet import neighbors_sheet
+
+    check_k(k, k + 1, file)  # -k 0 refused before the file is read
+    run = _SearchRun(file, html, quiet, verbose)
+    vectors = run.read(layer, lambda rows: check_k(k, rows, file))
+    queries = rows_of(vectors, of) if of else None
+    with run.view:
+        found = NeighborSearch(vectors, k, queries, search, on_step=run.view.update)
+        shown: list[Any] = []
+        for result in found:
+            if len(shown) < html_limit and run.sheet is not None:
+                shown.append(result)
+            elif run.out.closed:
+                break
+            run.out.write(_neighbor_lines(vectors, result, format_))
+    run.out.flush()
+    run.report(found.index)
+    count = len(found.queries)
+    run.say(
+        f"{k:,} nearest neighbour{'s' if k != 1 else ''} of "
+        f"{'each of ' if count != 1 else ''}{terminal.count(count, 'row')} of {vectors.layer} "
+        f"in {terminal.printable(file)}."
+    )
+    facts = [f"Layer {vectors.layer}, {k:,} neighbours, {found.index.report.describe()}."]
+    run.write_sheet(neighbors_sheet(vectors, shown, count, facts), vectors)
+
+
+def _neighbor_lines(vectors: Any, result: Any, format_: str) -> list[str]:
+    path = vectors.paths[result.query]
+    pairs = list(zip(result.rows.tolist(), result.similarities.tolist(), strict=True))
+    if format_ == "jsonl":
+        neighbours = [
+            {"rank": rank, "path": vectors.paths[row], "similarity": round(similarity, 6)}
+            for rank, (row, similarity) in enumerate(pairs, start=1)
+        ]
+        return [json.dumps({"path": path, "neighbors": neighbours}, ensure_ascii=False)]
+    query = tsv_field(path)
+    return [
+        f"{query}\t{rank}\t{tsv_field(vectors.paths[row])}\t{_similarity(similarity)}"
+        for rank, (row, similarity) in enumerate(pairs, start=1)
+    ]
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--threshold",
+    type=float,
+    default=0.95,
+    show_default=True,
+    metavar="S",
+    help="Cosine similarity, -1 to 1, at or above which two images are near-duplicates.",
+)
+@search_option
+@result_options
+def duplicates(
+    file: str,
+    threshold: float,
+    layer: str | None,
+    format_: str,
+    html: str | None,
+    html_limit: int,
+    search: str,
+    verbose: bool,
+    quiet: bool,
+) -> None:
+    """Groups of near-duplicates in a features file, biggest first.
+
+    Two images whose cosine similarity is at --threshold or above are linked, and a
+    group is all the images linked to each other, directly or through others. Writes
+    group, path and similarity to the group's first image (the first in the file),
+    tab-separated, a line per image; the summary on stderr counts the groups.
+
+    \b
+    Examples:
+      vggfeat duplicates features.h5
+      vggfeat duplicates features.h5 --threshold 0.9 --html duplicates.html
+      vggfeat duplicates features.h5 | awk -F'\\t' '$3 < 1' | cut -f2   # all but each first
+    """
+    from vggfeat.search import DuplicateSearch, check_threshold
+    from vggfeat.sheet import duplicates_sheet
+
+    check_threshold(threshold)
+    run = _SearchRun(file, html, quiet, verbose)
+    vectors = run.read(layer, lambda rows: None)
+    with run.view:
+        search_run = DuplicateSearch(vectors, threshold, search, on_step=run.view.update)
+        groups = search_run.groups()
+    for number, group in enumerate(groups, start=1):
+        if run.out.closed:
+            break
+        run.out.write(_group_lines(vectors, number, group, format_))
+    run.out.flush()
+    run.report(search_run.index)
+    images = sum(len(group.rows) for group in groups)
+    run.say(
+        f"{terminal.count(len(groups), 'group')} of near-duplicates at {threshold:g} or above "
+        f"among {terminal.count(len(vectors), 'row')} of {vectors.layer}: "
+        f"{terminal.count(images, 'image')} in all, {images - len(groups):,} of which could be "
+        "removed, keeping each group's first."
+    )
+    facts = [
+        f"Layer {vectors.layer}, similarity {threshold:g} or above, "
+        f"{search_run.index.report.describe()}.",
+        f"{terminal.count(images, 'image')} in {terminal.count(len(groups), 'group')}; "
+        f"{images - len(groups):,} could be removed, keeping each group's first.",
+    ]
+    run.write_sheet(duplicates_sheet(vectors, groups, html_limit, facts), vectors)
+
+
+def _group_lines(vectors: Any, number: int, group: Any, format_: str) -> list[str]:
+    pairs = list(zip(group.rows.tolist(), group.similarities.tolist(), strict=True))
+    if format_ == "jsonl":
+        return [
+            json.dumps(
+                {
+                    "group": number,
+                    "paths": [vectors.paths[row] for row, _ in pairs],
+                    "similarities": [round(similarity, 6) for _, similarity in pairs],
+                },
+                ensure_ascii=False,
+            )
+        ]
+    return [
+        f"{number}\t{tsv_field(vectors.paths[row])}\t{_similarity(similarity)}"
+        for row, similarity in pairs
+    ]
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--clusters",
+    "clusters",
+    type=int,
+    required=True,
+    metavar="K",
+    help="How many clusters.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the k-means.")
+@result_options
+def clusters(
+    file: str,
+    clusters: int,
+    seed: int,
+    layer: str | None,
+    format_: str,
+    html: str | None,
+    html_limit: int,
+    verbose: bool,
+    quiet: bool,
+) -> None:
+    """k-means clusters of the rows of a features file, numbered by size, biggest first.
+
+    Rows are compared by direction (each scaled to unit length). Writes path, cluster
+    and distance to the cluster's centre, tab-separated, cluster by cluster, nearest
+    the centre first.
+
+    \b
+    Examples:
+      vggfeat clusters features.h5 --clusters 20 --html clusters.html
+      vggfeat clusters features.h5 --clusters 20 | awk -F'\\t' '$2 == 1' | head   # cluster 1
+      vggfeat clusters features.h5 --clusters 20 | cut -f2 | uniq -c              # sizes
+    """
+    from vggfeat.search import check_clusters, kmeans
+    from vggfeat.sheet import clusters_sheet
+
+    check_clusters(clusters, clusters, file)  # --clusters 0 refused before the file is read
+    run = _SearchRun(file, html, quiet, verbose)
+    vectors = run.read(layer, lambda rows: check_clusters(clusters, rows, file))
+    with run.view:
+        clustering = kmeans(vectors.rows, clusters, seed, on_step=run.view.update)
+    for cluster in range(len(clustering.sizes)):
+        if run.out.closed:
+            break
+        members = clustering.nearest_centre(cluster, len(vectors))
+        run.out.write(_cluster_lines(vectors, cluster, members, clustering, format_))
+    run.out.flush()
+    sizes = clustering.sizes
+    if verbose:
+        run.say(
+            f"k-means: {clustering.iterations} iterations, inertia {clustering.inertia:,.4f} "
+            "(the sum of squared distances to the centres)."
+        )
+    if clustering.empty:
+        run.say(
+            f"Note: the rows hold fewer distinct values than {clusters:,}: "
+            f"{terminal.count(clustering.empty, 'cluster')} left empty and dropped."
+        )
+    run.say(
+        f"{terminal.count(len(sizes), 'cluster')} of {terminal.count(len(vectors), 'row')} of "
+        f"{vectors.layer}: sizes {int(sizes[0]):,} to {int(sizes[-1]):,}."
+    )
+    facts = [
+        f"Layer {vectors.layer}, k-means with {clusters:,} clusters (seed {seed}), sizes "
+        f"{int(sizes[0]):,} to {int(sizes[-1]):,}; the numbers under the images are their "
+        "distances to the centre."
+    ]
+    run.write_sheet(clusters_sheet(vectors, clustering, html_limit, facts), vectors)
+
+
+def _cluster_lines(
+    vectors: Any, cluster: int, members: Any, clustering: Any, format_: str
+) -> list[str]:
+    if format_ == "jsonl":
+        return [
+            json.dumps(
+                {
+                    "path": vectors.paths[row],
+                    "cluster": cluster + 1,
+                    "distance": round(float(clustering.distances[row]), 6),
+                },
+                ensure_ascii=False,
+            )
+            for row in members.tolist()
+        ]
+    return [
+        f"{tsv_field(vectors.paths[row])}\t{cluster + 1}\t{clustering.distances[row]:.6f}"
+        for row in members.tolist()
+    ]

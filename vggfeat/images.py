@@ -8,13 +8,14 @@ From decoding on, a bad file is a ``Failure`` record, never an exception.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
 
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 #: The formats Pillow may open: nothing else is parsed, whatever a file is named.
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+
+T = TypeVar("T")
 
 ResizeMode = Literal["squash", "crop", "letterbox"]
 RESIZE_MODES: tuple[ResizeMode, ...] = ("squash", "crop", "letterbox")
@@ -169,6 +172,26 @@ def _decode(
     path: str, image_size: int, resize: ResizeMode, max_pixels: int | None
 ) -> np.ndarray | str:
     """The network input of one file, or the reason it has none."""
+    return _with_image(path, max_pixels, lambda image: _to_network_input(image, image_size, resize))
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """A small JPEG of an image, upright."""
+
+    jpeg: bytes
+    width: int
+    height: int
+
+
+def thumbnail(path: str, side: int = 128, max_pixels: int | None = None) -> Thumbnail | str:
+    """A JPEG of the image at ``path``, upright (EXIF orientation applied) and at most
+    ``side`` pixels on its longer side, or the reason there is none, as for decoding."""
+    return _with_image(path, max_pixels, lambda image: _thumbnail_jpeg(image, side))
+
+
+def _with_image(path: str, max_pixels: int | None, use: Callable[[Image.Image], T]) -> T | str:
+    """``use`` applied to the image at ``path``, opened safely; or why it cannot be."""
     from PIL import Image, UnidentifiedImageError
 
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
@@ -180,7 +203,7 @@ def _decode(
                     f"{width}x{height} is {width * height:,} pixels, over the limit of "
                     f"{limit:,} (raise it with --max-pixels if the file is trusted)"
                 )
-            return _to_network_input(image, image_size, resize)
+            return use(image)
     except _NotRegular as error:
         return str(error)
     except FileNotFoundError:
@@ -198,6 +221,18 @@ def _decode(
         )
     except (OSError, ValueError, SyntaxError, EOFError) as error:
         return f"cannot be decoded: {_describe(error)}"
+
+
+def _thumbnail_jpeg(image: Image.Image, side: int) -> Thumbnail:
+    from PIL import Image, ImageOps
+
+    if image.format == "JPEG":
+        image.draft("RGB", (side, side))  # decode at 1/8 scale where that is still enough
+    image = _as_rgb(ImageOps.exif_transpose(image))
+    image.thumbnail((side, side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=75, optimize=True)
+    return Thumbnail(out.getvalue(), *image.size)
 
 
 @contextmanager

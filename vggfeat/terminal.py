@@ -11,8 +11,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from vggfeat.export import tsv_field
-from vggfeat.text import storable
+from vggfeat.text import printable
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -20,6 +19,7 @@ if TYPE_CHECKING:
     from rich.progress import TaskID
 
     from vggfeat.pipeline import Progress, Summary
+    from vggfeat.search.progress import Step as SearchStep
 
 
 def console(**options: Any) -> Console:
@@ -39,6 +39,24 @@ def drop_stderr() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
+def _bar(out: Console, rate: str = "", after: str = "", transient: bool = False) -> RichProgress:
+    """A rich progress bar: what, the bar, done of total, ``rate``, time left, ``after``
+    (``rate`` and ``after`` are templates of the task's fields)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    columns += [TextColumn(rate)] if rate else []
+    columns.append(TimeRemainingColumn())
+    columns += [TextColumn(after)] if after else []
+    return Progress(*columns, console=out, transient=transient)
+
+
 class ProgressView:
     """Progress on stderr: a rich bar on a terminal, a line every few seconds elsewhere."""
 
@@ -53,23 +71,7 @@ class ProgressView:
 
     def __enter__(self) -> ProgressView:
         if not self.quiet and self.console.is_terminal:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[failed]}"),
-                console=self.console,
-            )
+            self.bar = _bar(self.console, "{task.fields[rate]}", "{task.fields[failed]}")
             self.bar.__enter__()
             self.task = self.bar.add_task("starting", total=None, rate="", failed="")
         return self
@@ -135,6 +137,68 @@ class ProgressView:
             )
 
 
+class StepView:
+    """A search's progress on stderr: a rich bar per stage on a terminal, a line every
+    few seconds elsewhere; nothing for a search done in less."""
+
+    PLAIN_EVERY = 10.0
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.console = console(stderr=True)
+        self.bar: RichProgress | None = None
+        self.task: TaskID | None = None
+        self.stage = ""
+        self.stage_began = self.last_line = time.monotonic()
+
+    def __enter__(self) -> StepView:
+        if not self.quiet and self.console.is_terminal:
+            self.bar = _bar(self.console, transient=True)
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def update(self, step: SearchStep) -> None:
+        if self.quiet:
+            return
+        try:
+            self._show(step)
+        except BrokenPipeError:
+            drop_stderr()
+            self.quiet = True
+
+    def _show(self, step: SearchStep) -> None:
+        now = time.monotonic()
+        if step.stage != self.stage:
+            self.stage, self.stage_began = step.stage, now
+            if self.bar is not None:
+                if self.task is not None:
+                    self.bar.remove_task(self.task)
+                self.task = self.bar.add_task(step.stage, total=step.total)
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, completed=step.done, total=step.total)
+            return
+        if now - self.last_line < self.PLAIN_EVERY and step.done != step.total:
+            return
+        if now - self.stage_began < self.PLAIN_EVERY and now - self.last_line < self.PLAIN_EVERY:
+            return  # a stage done quickly needs no line
+        self.last_line = now
+        if step.total is None:
+            self.console.print(f"{step.stage}...", highlight=False)
+            return
+        rate = step.done / max(now - self.stage_began, 1e-9)
+        left = (step.total - step.done) / rate if rate > 0 else None
+        self.console.print(
+            f"{step.stage}: {step.done:,}/{step.total:,} {step.unit}, {rate:,.0f} {step.unit}/s"
+            + (f", {_duration(left)} left" if left else ""),
+            highlight=False,
+        )
+
+
 def _duration(seconds: float) -> str:
     """``40 s``, ``12 min``, ``3 h 05 min``: as precise as a forecast deserves."""
     if seconds < 90:
@@ -143,15 +207,6 @@ def _duration(seconds: float) -> str:
         return f"{seconds / 60:.0f} min"
     hours, minutes = divmod(round(seconds / 60), 60)
     return f"{hours} h {minutes:02d} min"
-
-
-def printable(text: str) -> str:
-    """``text`` for a message: tab, newline and backslash as in tsv, other control
-    characters (a terminal's escape codes) and bytes that are not UTF-8 as ``\\xNN``."""
-    escaped = "".join(
-        f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in tsv_field(text)
-    )
-    return storable(escaped)
 
 
 def count(number: int, noun: str) -> str:

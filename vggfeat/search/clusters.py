@@ -1,0 +1,216 @@
+"""k-means on unit-length rows: k-means++ seeding, then Lloyd's iterations.
+
+faiss finds each row's nearest centre; the seeding and the centres' update are
+NumPy, a chunk of rows at a time. Clusters are numbered by size, biggest
+first, and each row's distance to its centre is Euclidean, between the unit
+row and the centre (the mean of its rows, which is shorter than 1).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vggfeat.errors import OptionError
+from vggfeat.search.index import require_faiss
+from vggfeat.search.progress import OnStep, Step, ignore
+
+#: Lloyd's iterations at most; they stop sooner once the centres stop moving.
+MAX_ITERATIONS = 100
+#: Centres have stopped when they moved, squared and summed, less than this share of
+#: the rows' mean variance (scikit-learn's rule and default).
+TOLERANCE = 1e-4
+#: Seedings tried, each iterated on a sample; the best is iterated on every row.
+RESTARTS = 10
+#: The sample the seedings are tried on: this many rows per cluster, or this many at
+#: least (all of them, for a small file), and the iterations each gets there.
+SAMPLE_PER_CLUSTER = 100
+SMALLEST_SAMPLE = 10_000
+SAMPLE_ITERATIONS = 25
+#: Values of the one-hot matrix the centres are summed through, at a time.
+ONE_HOT_VALUES = 1 << 24
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """Each row's cluster (0 is the biggest) and distance to its centre."""
+
+    labels: np.ndarray
+    """(N,) int64."""
+    distances: np.ndarray
+    """(N,) float32, Euclidean."""
+    centres: np.ndarray
+    """(K, D) float32, in the clusters' order."""
+    sizes: np.ndarray
+    """(K,) int64, largest first."""
+    inertia: float
+    """The sum of squared distances: what k-means makes small."""
+    iterations: int
+    empty: int = 0
+    """Clusters asked for but left empty (the rows have fewer distinct values): dropped."""
+
+    def nearest_centre(self, cluster: int, count: int) -> np.ndarray:
+        """The rows of ``cluster`` nearest its centre, nearest first, ``count`` at most."""
+        members = np.flatnonzero(self.labels == cluster)
+        order = np.argsort(self.distances[members], kind="stable")
+        return members[order[:count]]
+
+
+def check_clusters(clusters: int, rows: int, file: os.PathLike | str) -> None:
+    if clusters < 1:
+        raise OptionError(f"--clusters {clusters}: give 1 or more")
+    if clusters > rows:
+        raise OptionError(
+            f"--clusters {clusters}: {os.fspath(file)} holds {rows:,} "
+            f"row{'s' if rows != 1 else ''}; give --clusters {rows:,} or less"
+        )
+
+
+def kmeans(
+    rows: np.ndarray,
+    clusters: int,
+    seed: int = 0,
+    restarts: int = RESTARTS,
+    on_step: OnStep = ignore,
+) -> Clustering:
+    """k-means of ``rows`` ((N, D) float32) into ``clusters`` clusters, seeded by ``seed``.
+
+    Lloyd's iterations find the nearest local minimum of the seeding, and seedings
+    differ: ``restarts`` seedings are each iterated on a sample of the rows (all of
+    them, for a small file), and the best is iterated on every row until it stops.
+    """
+    faiss = require_faiss()
+    check_clusters(clusters, len(rows), "the rows")
+    rng = np.random.default_rng(seed)
+    size = min(len(rows), max(SAMPLE_PER_CLUSTER * clusters, SMALLEST_SAMPLE))
+    sample = rows if size == len(rows) else rows[np.sort(rng.choice(len(rows), size, False))]
+    # Centres have stopped when they moved less than this, squared and summed.
+    tolerance = TOLERANCE * float(np.mean(np.var(sample, axis=0, dtype=np.float64)))
+    best, lowest = None, np.inf
+    for restart in range(restarts):
+        on_step(Step("seeding", restart, restarts, "seedings"))
+        centres = _seed(sample, clusters, rng)
+        inertia, _ = _lloyd(faiss, sample, centres, SAMPLE_ITERATIONS, tolerance)
+        if inertia < lowest:
+            best, lowest = centres, inertia
+    assert best is not None
+    on_step(Step("seeding", restarts, restarts, "seedings"))
+    _, (squared, labels, iterations) = _lloyd(faiss, rows, best, MAX_ITERATIONS, tolerance, on_step)
+    return _ordered(rows, best, labels, squared, iterations)
+
+
+def _lloyd(
+    faiss: Any,
+    rows: np.ndarray,
+    centres: np.ndarray,
+    most: int,
+    tolerance: float,
+    on_step: OnStep = ignore,
+) -> tuple[float, tuple[np.ndarray, np.ndarray, int]]:
+    """Lloyd's iterations from ``centres`` (moved in place) until they move less than
+    ``tolerance`` or ``most`` are done: the inertia, and each row's squared distance and
+    centre, and the iterations done."""
+    iterations = 0
+    while True:
+        squared, labels = _assign(faiss, rows, centres)
+        iterations += 1
+        on_step(Step("iterating", iterations, None, "iterations"))
+        if iterations == most:
+            break
+        if _update(rows, labels, squared, centres) <= tolerance:
+            squared, labels = _assign(faiss, rows, centres)
+            break
+    return float(squared.sum(dtype=np.float64)), (squared, labels, iterations)
+
+
+def _seed(rows: np.ndarray, clusters: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ (Arthur and Vassilvitskii, with scikit-learn's 2 + log k trials
+    a step): each centre a row drawn in proportion to its squared distance to the
+    nearest centre so far, the best of the trials kept."""
+    count = len(rows)
+    trials = 2 + int(np.log(clusters))
+    norms = np.einsum("ij,ij->i", rows, rows)
+    centres = np.empty((clusters, rows.shape[1]), np.float32)
+    first = int(rng.integers(count))
+    centres[0] = rows[first]
+    closest = _squared(rows, norms, np.array([first]))[:, 0]
+    for index in range(1, clusters):
+        total = float(closest.sum())
+        if total > 0:
+            cumulative = np.cumsum(closest, dtype=np.float64)
+            picks = np.searchsorted(cumulative, rng.random(trials) * cumulative[-1])
+            candidates = np.minimum(picks, count - 1)
+        else:  # every row is a centre already: any row will do
+            candidates = rng.integers(count, size=1)
+        tried = np.minimum(closest[:, None], _squared(rows, norms, candidates))
+        best = int(np.argmin(tried.sum(axis=0)))
+        closest = tried[:, best]
+        centres[index] = rows[candidates[best]]
+    return centres
+
+
+def _squared(rows: np.ndarray, norms: np.ndarray, picked: np.ndarray) -> np.ndarray:
+    """(N, len(picked)) squared distances of every row to the picked rows."""
+    squared = norms[:, None] - 2 * (rows @ rows[picked].T) + norms[picked][None, :]
+    return np.maximum(squared, 0, out=squared)
+
+
+def _assign(faiss: Any, rows: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's squared distance to its nearest centre, and that centre."""
+    squared, nearest = faiss.knn(rows, centres, 1, metric=faiss.METRIC_L2)
+    return np.maximum(squared[:, 0], 0), nearest[:, 0]
+
+
+def _update(
+    rows: np.ndarray, labels: np.ndarray, squared: np.ndarray, centres: np.ndarray
+) -> float:
+    """Move each centre to the mean of its rows, in place; an empty cluster takes the row
+    farthest from its centre. Returns how far the centres moved, squared and summed."""
+    clusters, width = centres.shape
+    sums = np.zeros((clusters, width), np.float64)
+    step = max(1, ONE_HOT_VALUES // clusters)
+    for start in range(0, len(rows), step):
+        chunk = labels[start : start + step]
+        one_hot = np.zeros((len(chunk), clusters), np.float32)
+        one_hot[np.arange(len(chunk)), chunk] = 1
+        sums += one_hot.T @ rows[start : start + step]
+    sizes = np.bincount(labels, minlength=clusters)
+    moved = sums / np.maximum(sizes, 1)[:, None]
+    empty = np.flatnonzero(sizes == 0)
+    if len(empty):
+        farthest = np.argsort(squared)[::-1][: len(empty)]
+        moved[empty[: len(farthest)]] = rows[farthest]
+    shift = float(np.sum((moved - centres) ** 2))
+    centres[:] = moved
+    return shift
+
+
+def _ordered(
+    rows: np.ndarray,
+    centres: np.ndarray,
+    labels: np.ndarray,
+    squared: np.ndarray,
+    iterations: int,
+) -> Clustering:
+    """The clusters renumbered by size, largest first (ties: the one holding the earlier
+    row first), empty ones dropped."""
+    clusters = len(centres)
+    sizes = np.bincount(labels, minlength=clusters)
+    first_row = np.full(clusters, len(rows), np.int64)
+    np.minimum.at(first_row, labels, np.arange(len(rows)))
+    order = np.lexsort((first_row, -sizes))
+    order = order[sizes[order] > 0]
+    number = np.full(clusters, -1, np.int64)
+    number[order] = np.arange(len(order))
+    return Clustering(
+        labels=number[labels],
+        distances=np.sqrt(squared).astype(np.float32),
+        centres=centres[order],
+        sizes=sizes[order],
+        inertia=float(squared.sum(dtype=np.float64)),
+        iterations=iterations,
+        empty=clusters - len(order),
+    )
