@@ -172,7 +172,7 @@ def measure(profile_name: str, folder: Path) -> list[str]:
     for name, run, quality in results:
         lines.append(f"| {name} | {run.seconds:.1f} | {run.peak_mb:,.0f} | {quality} |")
     lines.append("")
-    lines += [f"- {name}: {run.search}." for name, run, _ in results if run.search]
+    lines += [f"- {name}: {run.search}" for name, run, _ in results if run.search]
     return [*lines, ""]
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -268,15 +270,16 @@ def test_refusals_are_one_line_with_their_exit_codes(tmp_path, spread_file):
         assert "Traceback" not in result.output
 
 
-def test_without_faiss_one_line_says_how_to_install_it(spread_file, monkeypatch):
+def test_without_faiss_one_line_says_how_to_install_it_and_clusters_work(spread_file, monkeypatch):
     path, _ = spread_file
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
-    for command in (["neighbors"], ["duplicates"], ["clusters", "--clusters", "2"]):
-        result = invoke(command[0], str(path), *command[1:])
+    for command in ("neighbors", "duplicates"):
+        result = invoke(command, str(path))
         assert result.exit_code == 1
         assert result.stderr.strip() == (
             "Error: searching features needs faiss: pip install 'vggfeat[search]'"
         )
+    assert invoke("clusters", str(path), "--clusters", "2").exit_code == 0  # NumPy alone
 
 
 def test_a_reader_that_goes_away_is_not_an_error_and_the_sheet_is_still_written(tmp_path):
@@ -334,3 +337,33 @@ def test_the_manuals_python_example_runs(tmp_path, monkeypatch):
     write_features(tmp_path / "features.h5", named(40), clustered(40, 8, 4, spread=0.5))
     monkeypatch.chdir(tmp_path)
     exec(compile(example, "docs/search.md", "exec"), {})
+
+
+def test_a_terminated_search_says_so_and_leaves_no_sheet_behind(tmp_path):
+    # An exact search of 60,000 rows of 512: 1.8e12 multiply-adds, seconds on any CPU.
+    rows = clustered(60_000, 512, 200, spread=0.8, seed=8)
+    path = write_features(tmp_path / "f.h5", named(60_000), rows)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vggfeat", "neighbors", str(path), "--search", "exact",
+         "--html", str(tmp_path / "sheet.html")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    # Once it holds the rows and the index's copy of them, it is searching.
+    while resident_bytes(process.pid) < 2 * rows.nbytes and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)  # Ctrl-C is the command group's, tested with extract
+    assert process.wait(timeout=60) == 143
+    assert process.stderr is not None
+    error = process.stderr.read().decode()
+    assert error.strip().splitlines()[-1] == "Stopped." and "Traceback" not in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]
+
+
+def resident_bytes(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    found = [line for line in status.splitlines() if line.startswith("VmRSS:")]
+    return int(found[0].split()[1]) * 1024 if found else 0

@@ -7,6 +7,7 @@ TensorFlow is not imported on the way to ``--help`` or an argument error.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -978,11 +979,31 @@ def search_option(command: Decorated) -> Decorated:
 SEARCH_FORMATS = ("tsv", "jsonl")
 
 
+def stoppable(command: Decorated) -> Decorated:
+    """SIGTERM stops the command as Ctrl-C does: "Stopped.", exit 143, no sheet half
+    written (Ctrl-C is the command group's)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from vggfeat.interrupts import Terminated, stopping_on_signals
+
+        try:
+            with stopping_on_signals():
+                return command(*args, **kwargs)
+        except Terminated:
+            click.echo("Stopped.", err=True)
+            sys.exit(ExitCode.TERMINATED)
+
+    return run
+
+
 class _SearchRun:
     """What the three search commands share: the checks made before anything is read,
     the layer read with progress, results written to stdout, the sheet, the notes."""
 
-    def __init__(self, file: str, html: str | None, quiet: bool, verbose: bool) -> None:
+    def __init__(
+        self, file: str, html: str | None, quiet: bool, verbose: bool, faiss: bool = True
+    ) -> None:
         from vggfeat.search import require_faiss
         from vggfeat.sheet import check_target
 
@@ -991,7 +1012,8 @@ class _SearchRun:
         self.sheet = check_target(html, file) if html is not None else None
         self.quiet = quiet
         self.verbose = verbose
-        require_faiss()
+        if faiss:
+            require_faiss()
         self.view = terminal.StepView(quiet)
         self.err = terminal.console(stderr=True, highlight=False, soft_wrap=True, markup=False)
         self.out = _Results()
@@ -1101,6 +1123,7 @@ def _similarity(value: float) -> str:
 )
 @search_option
 @result_options
+@stoppable
 def neighbors(
     file: str,
     k: int,
@@ -1182,6 +1205,7 @@ def _neighbor_lines(vectors: Any, result: Any, format_: str) -> list[str]:
 )
 @search_option
 @result_options
+@stoppable
 def duplicates(
     file: str,
     threshold: float,
@@ -1268,6 +1292,7 @@ def _group_lines(vectors: Any, number: int, group: Any, format_: str) -> list[st
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the k-means.")
 @result_options
+@stoppable
 def clusters(
     file: str,
     clusters: int,
@@ -1295,7 +1320,7 @@ def clusters(
     from vggfeat.sheet import clusters_sheet
 
     check_clusters(clusters, clusters, file)  # --clusters 0 refused before the file is read
-    run = _SearchRun(file, html, quiet, verbose)
+    run = _SearchRun(file, html, quiet, verbose, faiss=False)  # k-means is NumPy's
     vectors = run.read(layer, lambda rows: check_clusters(clusters, rows, file))
     with run.view:
         clustering = kmeans(vectors.rows, clusters, seed, on_step=run.view.update)

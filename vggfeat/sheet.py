@@ -174,11 +174,14 @@ def _thumbnails(vectors: Vectors, rows: list[int], on_step: OnStep) -> dict[int,
             return row, "image not found"
         return row, thumbnail(location, THUMBNAIL_SIDE)
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    try:
         for row, outcome in pool.map(make, rows):
             made[row] = outcome
             if len(made) % 64 == 0 or len(made) == len(rows):
                 on_step(Step("thumbnails", len(made), len(rows), "images"))
+    finally:
+        pool.shutdown(cancel_futures=True)  # on Ctrl-C, the images not begun are not made
     return made
 
 
