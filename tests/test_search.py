@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -261,6 +263,7 @@ def test_refusals_are_one_line_with_their_exit_codes(tmp_path, spread_file):
         (("neighbors", str(tmp_path / "missing.h5")), 1, "does not exist"),
         (("neighbors", str(path), "--html", str(path)), 2, "features file"),
         (("neighbors", str(path), "--html", str(tmp_path / "new") + "/"), 2, "not a folder"),
+        (("clusters", str(path), "--clusters", "2", "--html", "no/such/s.html"), 2, "not exist"),
     ]
     for args, code, words in cases:
         result = invoke(*args)
@@ -300,6 +303,51 @@ def test_a_reader_that_goes_away_is_not_an_error_and_the_sheet_is_still_written(
         assert "Traceback" not in error and "Error" not in error
     text = sheet.read_text()
     assert text.count("<section>") == 3 and "image not found" in text  # no photos here
+
+
+def test_a_full_disk_on_standard_output_is_one_line(spread_file):
+    path, _ = spread_file
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "vggfeat", "neighbors", str(path), "-q"],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == "Error: cannot write standard output: No space left on device\n"
+
+
+def test_progress_on_a_terminal_draws_each_stage(tmp_path):
+    rows = clustered(3000, 16, 30, spread=0.5, seed=9)
+    path = write_features(tmp_path / "f.h5", named(3000), rows)
+    for command in (["duplicates", "--search", "approximate"], ["neighbors", "--html", "s.html"]):
+        primary, secondary = pty.openpty()
+        shown = bytearray()
+        reader = threading.Thread(target=drain, args=(primary, shown))
+        reader.start()
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "vggfeat", command[0], str(path), *command[1:]],
+                stdout=subprocess.DEVNULL, stderr=secondary, cwd=tmp_path, timeout=120,
+            )  # fmt: skip
+        finally:
+            os.close(secondary)
+            reader.join(timeout=30)
+            os.close(primary)
+        text = shown.decode(errors="replace")
+        assert result.returncode == 0, text
+        assert "Traceback" not in text and "reading" in text
+
+
+def drain(descriptor: int, into: bytearray) -> None:
+    """Read a terminal until it closes, so that the program writing to it never blocks."""
+    while True:
+        try:
+            chunk = os.read(descriptor, 4096)
+        except OSError:
+            return
+        if not chunk:
+            return
+        into.extend(chunk)
 
 
 def test_search_commands_never_import_a_backend(spread_file):

@@ -7,12 +7,13 @@ TensorFlow is not imported on the way to ``--help`` or an argument error.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from enum import IntEnum
 from typing import Any
@@ -1082,20 +1083,28 @@ class _Results:
     def write(self, lines: list[str]) -> None:
         if self.closed or not lines or self._stream is None:
             return
-        try:
+        with self._failing():
             self._stream.write(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
-        except BrokenPipeError:
-            _drop_stdout()
-            self.closed = True
 
     def flush(self) -> None:
         if self.closed or self._stream is None:
             return
-        try:
+        with self._failing():
             self._stream.flush()
+
+    @contextlib.contextmanager
+    def _failing(self) -> Iterator[None]:
+        """A closed pipe closes the results; any other failure (a full disk) is an error
+        naming standard output. Either way, what is still buffered goes nowhere."""
+        try:
+            yield
         except BrokenPipeError:
             _drop_stdout()
             self.closed = True
+        except OSError as error:
+            _drop_stdout()
+            self.closed = True
+            raise VggfeatError(f"cannot write standard output: {error.strerror or error}") from None
 
 
 def _similarity(value: float) -> str:

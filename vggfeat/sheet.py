@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from vggfeat.atomic import write_atomically
-from vggfeat.errors import OptionError
+from vggfeat.errors import OptionError, OutputError
 from vggfeat.images import Thumbnail, thumbnail
 from vggfeat.search.clusters import Clustering
 from vggfeat.search.duplicates import Group
@@ -81,6 +81,10 @@ def check_target(target: str | os.PathLike, features: str | os.PathLike) -> Path
     source = output_path(features)
     if path == Path(os.path.realpath(source)) or path.suffix.lower() in (".h5", ".hdf5"):
         raise OptionError(f"--html {shown}: that is a features file's name; name an .html page")
+    if not path.parent.is_dir():
+        raise OptionError(f"--html {shown}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"--html {shown}: cannot write in {path.parent} (permission denied)")
     return path
 
 

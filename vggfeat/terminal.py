@@ -161,6 +161,7 @@ class StepView:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
+        self.task, self.stage = None, ""  # the next block draws a bar of its own
 
     def update(self, step: SearchStep) -> None:
         if self.quiet:
@@ -182,15 +183,13 @@ class StepView:
         if self.bar is not None and self.task is not None:
             self.bar.update(self.task, completed=step.done, total=step.total)
             return
+        # A line every so often, for a stage that has lasted long enough to say how fast.
+        if step.total is None or now - self.stage_began < self.PLAIN_EVERY:
+            return
         if now - self.last_line < self.PLAIN_EVERY and step.done != step.total:
             return
-        if now - self.stage_began < self.PLAIN_EVERY and now - self.last_line < self.PLAIN_EVERY:
-            return  # a stage done quickly needs no line
         self.last_line = now
-        if step.total is None:
-            self.console.print(f"{step.stage}...", highlight=False)
-            return
-        rate = step.done / max(now - self.stage_began, 1e-9)
+        rate = step.done / (now - self.stage_began)
         left = (step.total - step.done) / rate if rate > 0 else None
         self.console.print(
             f"{step.stage}: {step.done:,}/{step.total:,} {step.unit}, {rate:,.0f} {step.unit}/s"
