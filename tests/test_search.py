@@ -113,6 +113,7 @@ def test_neighbors_of_some_rows_however_their_paths_are_spelt(spread_file, monke
     monkeypatch.chdir(folder / "..")
     spelt = [
         "photos/00003.jpg",  # as stored
+        "photos/00003.jpg",
         str(folder / "photos" / ".." / "photos" / "00010.jpg"),  # absolute, with ..
         os.path.join(folder.name, "photos", "00020.jpg"),  # relative to here, not to the file
     ]
@@ -122,6 +123,7 @@ def test_neighbors_of_some_rows_however_their_paths_are_spelt(spread_file, monke
     assert result.exit_code == 0, result.output
     lines = [line.split("\t") for line in result.stdout.splitlines()]
     expected_rows, expected_sims = brute_neighbors(rows, 3)
+    # Each image once, however often it is named.
     assert [line[0] for line in lines] == [named(600)[q] for q in (3, 10, 20) for _ in range(3)]
     for (_, rank, neighbour, similarity), q, r in zip(
         lines, np.repeat([3, 10, 20], 3), [0, 1, 2] * 3, strict=True
@@ -171,6 +173,21 @@ def test_duplicate_groups_are_the_union_find_of_the_exact_pairs(tmp_path, search
     x = unit(rows)
     for group in groups:
         np.testing.assert_allclose(group.similarities, x[group.rows] @ x[group.rows[0]], atol=1e-5)
+
+
+def test_an_approximate_search_keeps_a_dense_group_whole(tmp_path):
+    # 3,000 copies of one direction, a little apart: one group, every pair linked. Tuned
+    # on recall@10, one probed list would do, and the group would split.
+    rng = np.random.default_rng(10)
+    rows = np.ones((3000, 32), np.float32)
+    rows[:, :8] += rng.standard_normal((3000, 8)).astype(np.float32) * 0.01
+    assert (unit(rows) @ unit(rows).T).min() > 0.99
+    path = write_features(tmp_path / "f.h5", named(3000), rows)
+    search = DuplicateSearch(read_vectors(path), 0.99, search="approximate")
+    groups = search.groups()
+    assert [g.rows.tolist() for g in groups] == [list(range(3000))]
+    assert search.index.report.kind == "ivf"
+    assert search.index.report.measured == "pairs at 0.99 or above found"
 
 
 def test_a_pair_exactly_at_the_threshold_is_a_duplicate(tmp_path):
@@ -249,6 +266,9 @@ def invoke(*args: str):
 def test_refusals_are_one_line_with_their_exit_codes(tmp_path, spread_file):
     path, _ = spread_file
     empty = write_features(tmp_path / "empty.h5", [], np.zeros((0, 8), np.float32))
+    write_features(tmp_path / "one.h5", named(1), np.ones((1, 8), np.float32))
+    fifo = tmp_path / "pipe.html"
+    os.mkfifo(fifo)
     cases = [
         (("neighbors", str(empty)), 1, "holds no rows of fc7"),
         (("duplicates", str(empty)), 1, "holds no rows of fc7"),
@@ -264,6 +284,10 @@ def test_refusals_are_one_line_with_their_exit_codes(tmp_path, spread_file):
         (("neighbors", str(path), "--html", str(path)), 2, "features file"),
         (("neighbors", str(path), "--html", str(tmp_path / "new") + "/"), 2, "not a folder"),
         (("clusters", str(path), "--clusters", "2", "--html", "no/such/s.html"), 2, "not exist"),
+        (("neighbors", str(path), "--html", "/dev/null"), 2, "name an .html page"),
+        (("neighbors", str(path), "--html", str(path.parent / "photo.jpg")), 2, ".html page"),
+        (("neighbors", str(path), "--html", str(fifo)), 2, "not a regular file"),
+        (("neighbors", str(tmp_path / "one.h5")), 2, "no other row to be its neighbour"),
     ]
     for args, code, words in cases:
         result = invoke(*args)
@@ -303,6 +327,38 @@ def test_a_reader_that_goes_away_is_not_an_error_and_the_sheet_is_still_written(
         assert "Traceback" not in error and "Error" not in error
     text = sheet.read_text()
     assert text.count("<section>") == 3 and "image not found" in text  # no photos here
+
+
+def test_faiss_says_nothing_of_its_own_on_a_small_file(tmp_path):
+    path = write_features(tmp_path / "f.h5", named(15), clustered(15, 8, 3, spread=0.5))
+    result = subprocess.run(
+        [sys.executable, "-m", "vggfeat", "duplicates", str(path), "--search", "approximate",
+         "--verbose"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0
+    # Too few rows for two lists of an IVF index: searched exactly, and said so.
+    assert result.stderr.splitlines()[0] == "Search: exact inner-product search over 15 rows of 8."
+    assert "WARNING" not in result.stderr and len(result.stderr.splitlines()) == 2
+
+
+def test_a_closed_standard_output_is_refused_unless_a_sheet_is_asked_for(spread_file, tmp_path):
+    path, _ = spread_file
+    errors = []
+    for html, code in (([], 1), (["--html", str(tmp_path / "s.html")], 0)):
+        result = subprocess.run(
+            [sys.executable, "-m", "vggfeat", "neighbors", str(path), "-q", *html],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
+            preexec_fn=lambda: os.close(1),
+        )  # fmt: skip
+        assert result.returncode == code, result.stderr
+        errors.append(result.stderr)
+    assert errors == [
+        "Error: standard output is closed, so the results would be lost: redirect it to a "
+        "file, or give --html\n",
+        "",
+    ]
+    assert (tmp_path / "s.html").is_file()
 
 
 def test_a_full_disk_on_standard_output_is_one_line(spread_file):
@@ -366,17 +422,22 @@ def test_search_commands_never_import_a_backend(spread_file):
     assert result.stdout.splitlines()[-1] == "[]"
 
 
-def test_rows_holding_nan_are_left_out_and_named(tmp_path):
+def test_rows_without_a_direction_are_left_out_and_named(tmp_path):
     rows = clustered(50, 8, 5, spread=0.5, seed=7)
     rows[7] = np.nan
+    rows[9] = 0
     path = write_features(tmp_path / "f.h5", named(50), rows)
     result = invoke("neighbors", str(path), "-k", "3")
     assert result.exit_code == 0
-    assert "1 row of fc7 holds NaN or an infinity and is left out: photos/00007.jpg" in (
-        result.stderr
-    )
-    assert "photos/00007.jpg" not in result.stdout
-    assert len(result.stdout.splitlines()) == 49 * 3
+    assert (
+        "2 rows of fc7 have no direction (all zeros, or NaN or an infinity) and are left out, "
+        "the first: photos/00007.jpg"
+    ) in result.stderr
+    assert "photos/00007.jpg" not in result.stdout and "photos/00009.jpg" not in result.stdout
+    assert len(result.stdout.splitlines()) == 48 * 3
+    result = invoke("neighbors", str(path), "-k", "48")
+    assert result.exit_code == 2
+    assert "holds 48 rows to compare (2 more have no direction)" in result.stderr
 
 
 def test_the_manuals_python_example_runs(tmp_path, monkeypatch):

@@ -147,15 +147,20 @@ def test_a_gone_or_broken_image_is_a_placeholder_naming_it(tmp_path):
     (tmp_path / "photos").mkdir()
     Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "photos" / "red.jpg")
     (tmp_path / "photos" / "broken.jpg").write_bytes(b"not a jpeg")
-    paths = ["photos/red.jpg", "photos/broken.jpg", "photos/gone.jpg"]
-    rows = np.array([[1, 0], [1, 0.01], [1, 0.02]], np.float32)
+    (tmp_path / "photos" / "a folder.jpg").mkdir()
+    shutil.copy(tmp_path / "photos" / "red.jpg", tmp_path / "photos" / "back\\slash.jpg")
+    paths = ["photos/red.jpg", "photos/broken.jpg", "photos/gone.jpg", "photos/a folder.jpg",
+             "photos/back\\slash.jpg"]  # fmt: skip
+    rows = np.array([[1, 0], [1, 0.01], [1, 0.02], [1, 0.03], [1, 0.04]], np.float32)
     features = write_features(tmp_path / "f.h5", paths, rows)
     page = Page(make("duplicates", features).read_text())
     figures = page.all("figure")
-    assert [f.get("class") for f in figures] == [None, "gone", "gone"]
+    assert [f.get("class") for f in figures] == [None, "gone", "gone", "gone", None]
+    # Each name as the file stores it: a backslash is one backslash.
     assert [c.get("title") for c in page.all("figcaption")] == paths
     text = " ".join(page.text)
     assert "image not found" in text and "not an image in a supported format" in text
+    assert "a folder, not an image" in text
 
 
 def test_large_sheets_are_capped_and_paged_and_say_so(tmp_path, monkeypatch):
@@ -180,6 +185,13 @@ def test_large_sheets_are_capped_and_paged_and_say_so(tmp_path, monkeypatch):
         assert links == 2 * [p.name for p in pages if p != page]  # above and below
         assert f"<span>page {number}</span>" in text
     assert sections == 12
+    # A shorter sheet of the same name: the earlier pages after its last go, but not a
+    # page that vggfeat did not write.
+    pages[2].write_text("<p>my own notes</p>")
+    make("duplicates", features, "--html-limit", "4")
+    assert first.exists() and not pages[1].exists()
+    assert pages[2].read_text() == "<p>my own notes</p>"
+    assert "Groups 1 to 4 of 20." in first.read_text() and "<nav>" not in first.read_text()
 
 
 def test_thumbnails_are_small_upright_jpegs(tmp_path):

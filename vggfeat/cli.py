@@ -1008,6 +1008,11 @@ class _SearchRun:
         from vggfeat.search import require_faiss
         from vggfeat.sheet import check_target
 
+        if sys.stdout is None and html is None:
+            raise click.ClickException(
+                "standard output is closed, so the results would be lost: redirect it to a "
+                "file, or give --html"
+            )
         self.file = file
         self.html = html
         self.sheet = check_target(html, file) if html is not None else None
@@ -1035,8 +1040,8 @@ class _SearchRun:
             one = len(vectors.left_out) == 1
             self.say(
                 f"Note: {terminal.count(len(vectors.left_out), 'row')} of {vectors.layer} "
-                f"{'holds' if one else 'hold'} NaN or an infinity and {'is' if one else 'are'} "
-                f"left out{'' if one else ', the first'}: "
+                f"{'has' if one else 'have'} no direction (all zeros, or NaN or an infinity) "
+                f"and {'is' if one else 'are'} left out{'' if one else ', the first'}: "
                 f"{terminal.printable(vectors.left_out[0])}."
             )
         return vectors

@@ -268,6 +268,8 @@ def _open_regular(path: str) -> IO[bytes]:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
+            if stat.S_ISDIR(mode):
+                raise _NotRegular("a folder, not an image")
             kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) else ""
             raise _NotRegular(f"not a regular file ({kind or 'special file'})")
         if hasattr(os, "set_blocking"):

@@ -20,16 +20,17 @@ from functools import partial
 from pathlib import Path
 from typing import IO
 
-from vggfeat.atomic import write_atomically
+from vggfeat.atomic import temporary_name, write_atomically
 from vggfeat.errors import OptionError, OutputError
 from vggfeat.images import Thumbnail, thumbnail
+from vggfeat.interrupts import signals_deferred
 from vggfeat.search.clusters import Clustering
 from vggfeat.search.duplicates import Group
 from vggfeat.search.neighbors import Neighbors
 from vggfeat.search.progress import OnStep, Step, ignore
 from vggfeat.search.vectors import Vectors
 from vggfeat.store import output_path
-from vggfeat.text import printable
+from vggfeat.text import storable
 
 #: Longer side of a thumbnail, in pixels.
 THUMBNAIL_SIDE = 128
@@ -72,20 +73,27 @@ class Sheet:
 
 
 def check_target(target: str | os.PathLike, features: str | os.PathLike) -> Path:
-    """The page to write, refused (before any search) where it would overwrite the
-    features file or name a folder."""
+    """The page to write, refused before any search unless it is an ``.html`` (``.htm``)
+    name in a folder that can be written, and, if it exists, a regular file: a device, a
+    FIFO, the features file or an image of the collection is never replaced."""
     shown = os.fspath(target)
     if not shown or shown.endswith(os.sep) or os.path.isdir(shown):
         raise OptionError(f"--html {shown or repr(shown)}: name the page to write, not a folder")
     path = Path(os.path.realpath(shown))
-    source = output_path(features)
-    if path == Path(os.path.realpath(source)) or path.suffix.lower() in (".h5", ".hdf5"):
-        raise OptionError(f"--html {shown}: that is a features file's name; name an .html page")
+    if path == Path(os.path.realpath(output_path(features))):
+        raise OptionError(f"--html {shown}: that is the features file; name an .html page")
+    if path.suffix.lower() not in PAGE_SUFFIXES:
+        raise OptionError(f"--html {shown}: name an .html page (sheet.html, say)")
+    if path.exists() and not path.is_file():
+        raise OptionError(f"--html {shown}: not a regular file; name an .html page to write")
     if not path.parent.is_dir():
         raise OptionError(f"--html {shown}: the folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise OutputError(f"--html {shown}: cannot write in {path.parent} (permission denied)")
     return path
+
+
+PAGE_SUFFIXES = (".html", ".htm")
 
 
 def neighbors_sheet(
@@ -147,20 +155,58 @@ def write_sheet(
     sheet: Sheet, target: Path, vectors: Vectors, on_step: OnStep = ignore
 ) -> list[Path]:
     """Write ``sheet`` to ``target`` (and ``<stem>-2.html`` ... where it takes more than
-    one page), each page whole or not at all; returns the pages written."""
+    one page); returns the pages written.
+
+    Every page is written under a temporary name first and then all are renamed
+    into place together, Ctrl-C held meanwhile: a stopped run leaves the sheet
+    it found. Pages of an earlier, longer sheet of the same name are removed.
+    """
     rows = sorted({tile.row for section in sheet.sections for tile in section.tiles})
     thumbnails = _thumbnails(vectors, rows, on_step)
     pages = _paged(sheet.sections)
-    names = [target] + [
-        target.with_name(f"{target.stem}-{number}{target.suffix}")
-        for number in range(2, len(pages) + 1)
-    ]
-    first = 1
-    for number, (page, name) in enumerate(zip(pages, names, strict=True)):
-        text = _page(sheet, page, first, number, [n.name for n in names], vectors, thumbnails)
-        write_atomically(name, partial(_write, text=text), name, "the sheet is not written")
-        first += len(page)
+    names = [target] + [_page_name(target, number) for number in range(2, len(pages) + 1)]
+    written: list[tuple[Path, Path]] = []
+    try:
+        first = 1
+        for number, (page, name) in enumerate(zip(pages, names, strict=True)):
+            text = _page(sheet, page, first, number, [n.name for n in names], vectors, thumbnails)
+            temporary = temporary_name(name)
+            written.append((temporary, name))
+            write_atomically(
+                temporary, partial(_write, text=text), name, "the sheet is not written"
+            )
+            first += len(page)
+        with signals_deferred():
+            for temporary, name in written:
+                os.replace(temporary, name)
+            _remove_stale_pages(target, len(pages))
+    finally:
+        for temporary, _ in written:
+            temporary.unlink(missing_ok=True)
     return names
+
+
+NOT_WRITTEN = "the sheet is not written"
+
+
+def _page_name(target: Path, number: int) -> Path:
+    return target.with_name(f"{target.stem}-{number}{target.suffix}")
+
+
+def _remove_stale_pages(target: Path, pages: int) -> None:
+    """Remove ``<stem>-N.html`` pages after the last, while they are sheets of vggfeat's."""
+    number = pages + 1
+    while True:
+        page = _page_name(target, number)
+        try:
+            with page.open("rb") as file:
+                head = file.read(1024)
+        except OSError:
+            return
+        if GENERATOR.encode() not in head:
+            return
+        page.unlink(missing_ok=True)
+        number += 1
 
 
 def _write(file: IO[bytes], *, text: str) -> None:
@@ -245,6 +291,9 @@ def _hash(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
+#: How a page says it is a sheet of vggfeat's (an older, longer sheet's pages are removed).
+GENERATOR = '<meta name="generator" content="vggfeat contact sheet">'
+
 #: Nothing but the page's own style and script, and images inside the page.
 POLICY = f"default-src 'none'; img-src data:; style-src {_hash(STYLE)}; script-src {_hash(SCRIPT)}"
 
@@ -267,7 +316,7 @@ def _page(
         '<meta charset="utf-8">',
         f'<meta http-equiv="Content-Security-Policy" content="{POLICY}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        '<meta name="generator" content="vggfeat">',
+        GENERATOR,
         f"<title>{e(sheet.title)}</title>",
         f"<style>{STYLE}</style>",
         "</head>",
@@ -350,6 +399,9 @@ def _figure(tile: Tile, vectors: Vectors, made: Thumbnail | str) -> str:
 
 
 def _escaped(text: str) -> str:
-    """``text`` as HTML text or an attribute value: markup escaped, control characters
-    and bytes that are not UTF-8 shown as ``\\xNN``."""
-    return html.escape(printable(text), quote=True)
+    """``text`` as HTML text or an attribute value: markup escaped, a control character
+    shown as ``\\xNN`` (a name is shown as the file stores it, backslashes and all)."""
+    visible = "".join(
+        f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in storable(text)
+    )
+    return html.escape(visible, quote=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 def storable(text: str) -> str:
     """``text`` with each byte that is not UTF-8 (a surrogate, as Python reads such a byte
@@ -16,6 +18,16 @@ def storable(text: str) -> str:
 def tsv_field(text: str) -> str:
     """``text`` as one tab-separated field: backslash, tab, newline and return escaped."""
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def tsv_unescape(field: str) -> str:
+    """The text ``tsv_field`` made ``field`` of."""
+    if "\\" not in field:
+        return field
+    return re.sub(r"\\([\\tnr])", lambda m: _UNESCAPED[m[1]], field)
+
+
+_UNESCAPED = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
 
 
 def printable(text: str) -> str:

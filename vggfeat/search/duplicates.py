@@ -49,7 +49,9 @@ class DuplicateSearch:
         self.threshold = threshold
         self.on_step = on_step
         count = len(vectors)
-        self.index = Index.build(vectors.rows, count, 10, search, seed, on_step)
+        self.index = Index.build(
+            vectors.rows, count, search=search, seed=seed, on_step=on_step, threshold=threshold
+        )
         self.pairs = 0
         """Pairs found (each once, a row with itself not counted)."""
 

@@ -13,6 +13,7 @@ from vggfeat.search.index import Index
 from vggfeat.search.progress import OnStep, Step, ignore
 from vggfeat.search.vectors import Vectors
 from vggfeat.store.identity import Identity, home_of
+from vggfeat.text import tsv_unescape
 
 #: Queries searched at once, between progress events.
 QUERY_BATCH = 2048
@@ -42,7 +43,7 @@ class NeighborSearch:
         seed: int = 0,
         on_step: OnStep = ignore,
     ) -> None:
-        check_k(k, len(vectors), vectors.file)
+        check_k(k, len(vectors), vectors.file, len(vectors.left_out))
         self.vectors = vectors
         self.k = k
         self.queries = np.arange(len(vectors)) if queries is None else np.asarray(queries)
@@ -62,39 +63,45 @@ class NeighborSearch:
             self.on_step(Step("searching", min(total, start + QUERY_BATCH), total))
 
 
-def check_k(k: int, rows: int, file: os.PathLike | str) -> None:
-    """Refuse a ``-k`` the file cannot answer: each row has ``rows - 1`` others."""
+def check_k(k: int, rows: int, file: os.PathLike | str, left_out: int = 0) -> None:
+    """Refuse a ``-k`` the file cannot answer: each of its ``rows`` (those that can be
+    compared; ``left_out`` more cannot) has ``rows - 1`` others."""
     if k < 1:
         raise OptionError(f"-k {k}: give 1 or more")
-    if k > rows - 1:
-        others = "no other row" if rows == 1 else f"at most {rows - 1:,} others"
-        hint = "" if rows == 1 else f"; give -k {rows - 1:,} or less"
-        raise OptionError(
-            f"-k {k}: {os.fspath(file)} holds {rows:,} row{'s' if rows != 1 else ''}, so each "
-            f"has {others}{hint}"
-        )
+    if k <= rows - 1:
+        return
+    held = f"{os.fspath(file)} holds {rows:,} row{'s' if rows != 1 else ''}"
+    if left_out:
+        held += f" to compare ({left_out:,} more {'has' if left_out == 1 else 'have'} no direction)"
+    if rows == 1:
+        raise OptionError(f"-k {k}: {held}: there is no other row to be its neighbour")
+    raise OptionError(
+        f"-k {k}: {held}, so each has at most {rows - 1:,} others; give -k {rows - 1:,} or less"
+    )
 
 
 def rows_of(vectors: Vectors, paths: Sequence[str]) -> list[int]:
-    """The row of each of ``paths``: as the file stores it, or an image's path however
-    spelt (from here, through links); ``OptionError`` naming any not in the file."""
+    """The row of each of ``paths``, each once: as the file stores it, as the tsv output
+    writes it (escaped), or an image's path however spelt (from here, through links);
+    ``OptionError`` naming any not in the file."""
     row_of = {path: row for row, path in enumerate(vectors.paths)}
     identity = Identity(home_of(vectors.file))
-    found, missing = [], []
+    found: dict[int, None] = {}
+    missing = []
     for path in paths:
-        row = row_of.get(path)
-        if row is None:
-            row = row_of.get(identity.key(path))
+        spellings = (path, tsv_unescape(path), identity.key(path))
+        row = next((row_of[s] for s in spellings if s in row_of), None)
         if row is None:
             missing.append(path)
         else:
-            found.append(row)
+            found[row] = None
     if missing:
-        left = " (it is left out: its features hold NaN or an infinity)"
-        reason = left if len(missing) == 1 and missing[0] in vectors.left_out else ""
+        left = set(vectors.left_out)
+        spellings = (missing[0], tsv_unescape(missing[0]), identity.key(missing[0]))
+        reason = " (it is left out: it has no direction)" if left.intersection(spellings) else ""
         raise OptionError(
             f"--of {missing[0]}: not a row of {vectors.file}{reason}"
             + (f", nor are {len(missing) - 1:,} more" if len(missing) > 1 else "")
-            + "; 'vggfeat export FILE --format tsv | cut -f1' lists its paths"
+            + "; 'vggfeat export FILE --format tsv --no-header | cut -f1' lists its paths"
         )
-    return found
+    return list(found)

@@ -37,7 +37,8 @@ class Vectors:
     rows: np.ndarray
     """(N, D) float32, C-contiguous: row i belongs to ``paths[i]``."""
     left_out: list[str] = field(default_factory=list)
-    """Paths whose rows hold NaN or an infinity: they have no direction, so no neighbours."""
+    """Paths whose rows are all zeros or hold NaN or an infinity: they have no direction,
+    so no cosine with any other row, and are left out."""
     pending: int = 0
     """Of the rows, those committed so far by a run that has not finished."""
     damaged: tuple[str, ...] = ()
@@ -103,14 +104,16 @@ def read_vectors(
             on_step(Step("reading", stop, count))
         paths = list(file.paths)
         pending, damaged = file.pending, tuple(file.damaged)
-    finite = np.isfinite(rows).all(axis=1)
-    left_out = [paths[row] for row in np.flatnonzero(~finite)]
+    # A row of zeros, NaN or an infinity has no direction, so no cosine with any other.
+    usable = np.isfinite(rows).all(axis=1) & rows.any(axis=1)
+    left_out = [paths[row] for row in np.flatnonzero(~usable)]
     if left_out:
-        rows = np.ascontiguousarray(rows[finite])
-        paths = [paths[row] for row in np.flatnonzero(finite)]
+        rows = np.ascontiguousarray(rows[usable])
+        paths = [paths[row] for row in np.flatnonzero(usable)]
         if not paths:
             raise OutputError(
-                f"every row of {name} in {source} holds NaN or an infinity: nothing to compare"
+                f"every row of {name} in {source} is all zeros or holds NaN or an infinity: "
+                "nothing to compare"
             )
     return Vectors(source, name, paths, rows, left_out, pending, damaged)
 
