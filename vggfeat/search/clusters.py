@@ -24,13 +24,17 @@ MAX_ITERATIONS = 100
 #: Centres have stopped when they moved, squared and summed, less than this share of
 #: the rows' mean variance (scikit-learn's rule and default).
 TOLERANCE = 1e-4
+#: An iteration that lowers the inertia by less than this share of it ends them too:
+#: later ones move a few rows between neighbouring clusters (on the benchmark's 100,000
+#: rows, 60 more iterations lowered it by 0.07%).
+IMPROVEMENT = 5e-5
 #: Seedings tried, each iterated on a sample; the best is iterated on every row.
 RESTARTS = 10
 #: The sample the seedings are tried on: this many rows per cluster, or this many at
 #: least (all of them, for a small file), and the iterations each gets there.
-SAMPLE_PER_CLUSTER = 100
-SMALLEST_SAMPLE = 10_000
-SAMPLE_ITERATIONS = 25
+SAMPLE_PER_CLUSTER = 50
+SMALLEST_SAMPLE = 5_000
+SAMPLE_ITERATIONS = 20
 #: Values of a (rows, K) block of distances or of the one-hot matrix the centres are
 #: summed through, at a time.
 ONE_HOT_VALUES = 1 << 24
@@ -111,19 +115,22 @@ def _lloyd(
     on_step: OnStep = ignore,
 ) -> tuple[float, tuple[np.ndarray, np.ndarray, int]]:
     """Lloyd's iterations from ``centres`` (moved in place) until they move less than
-    ``tolerance`` or ``most`` are done: the inertia, and each row's squared distance and
-    centre, and the iterations done."""
-    iterations = 0
+    ``tolerance``, lower the inertia by less than ``IMPROVEMENT`` of it, or ``most`` are
+    done: the inertia, and each row's squared distance and centre, and the iterations."""
+    iterations, before = 0, np.inf
     while True:
         squared, labels = _assign(rows, centres)
+        inertia = float(squared.sum(dtype=np.float64))
         iterations += 1
         on_step(Step("iterating", iterations, None, "iterations"))
-        if iterations == most:
+        if iterations == most or before - inertia <= IMPROVEMENT * inertia:
             break
+        before = inertia
         if _update(rows, labels, squared, centres) <= tolerance:
             squared, labels = _assign(rows, centres)
+            inertia = float(squared.sum(dtype=np.float64))
             break
-    return float(squared.sum(dtype=np.float64)), (squared, labels, iterations)
+    return inertia, (squared, labels, iterations)
 
 
 def _seed(rows: np.ndarray, clusters: int, rng: np.random.Generator) -> np.ndarray:
