@@ -1347,7 +1347,8 @@ def clusters(
     sizes = clustering.sizes
     if verbose:
         run.say(
-            f"k-means: {clustering.iterations} iterations, inertia {clustering.inertia:,.4f} "
+            f"k-means: {terminal.count(clustering.iterations, 'iteration')}, inertia "
+            f"{clustering.inertia:,.4f} "
             "(the sum of squared distances to the centres)."
         )
     if clustering.empty:
