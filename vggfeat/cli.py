@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -32,11 +32,17 @@ from vggfeat.preprocessing import PREPROCESSINGS
 from vggfeat.ray_engine import STALL_SECONDS
 from vggfeat.runtime import BACKENDS
 from vggfeat.search.index import SEARCHES
-from vggfeat.sheet import SECTIONS
+from vggfeat.sheet import SECTIONS, SINGULAR
 from vggfeat.store import COMMIT_IMAGES, COMPRESSIONS, STORED_DTYPES
 from vggfeat.text import tsv_field
 from vggfeat.weights import published_files
 from vggfeat.weights.pytorch_files import release
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from vggfeat.search import Clustering, Group, Index, Neighbors, Vectors
+    from vggfeat.sheet import Sheet
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -1024,7 +1030,7 @@ class _SearchRun:
         self.err = terminal.console(stderr=True, highlight=False, soft_wrap=True, markup=False)
         self.out = _Results()
 
-    def read(self, layer: str | None, expect: Callable[[int], None]) -> Any:
+    def read(self, layer: str | None, expect: Callable[[int], None]) -> Vectors:
         from vggfeat.search import read_vectors
 
         with self.view:
@@ -1055,11 +1061,11 @@ class _SearchRun:
             terminal.drop_stderr()
             self.quiet = True
 
-    def report(self, index: Any) -> None:
+    def report(self, index: Index) -> None:
         if self.verbose:
             self.say(f"Search: {index.report.describe()}.")
 
-    def write_sheet(self, sheet: Any, vectors: Any) -> None:
+    def write_sheet(self, sheet: Sheet, vectors: Vectors) -> None:
         from vggfeat.sheet import write_sheet
 
         if self.sheet is None:
@@ -1067,12 +1073,11 @@ class _SearchRun:
         with self.view:
             pages = write_sheet(sheet, self.sheet, vectors, on_step=self.view.update)
         shown = sum(len(section.tiles) for section in sheet.sections)
-        more = f" and {len(pages) - 1:,} more page{'s' if len(pages) > 2 else ''}" * (
-            len(pages) > 1
-        )
+        more = f" and {terminal.count(len(pages) - 1, 'more page')}" if len(pages) > 1 else ""
+        noun = sheet.noun if sheet.found != 1 else SINGULAR[sheet.noun]
         self.say(
             f"Wrote {terminal.printable(str(self.html))}{more}: "
-            f"{len(sheet.sections):,} of {sheet.found:,} {sheet.noun}, "
+            f"{len(sheet.sections):,} of {sheet.found:,} {noun}, "
             f"{terminal.count(shown, 'thumbnail')}."
         )
 
@@ -1172,7 +1177,7 @@ def neighbors(
     queries = rows_of(vectors, of) if of else None
     with run.view:
         found = NeighborSearch(vectors, k, queries, search, on_step=run.view.update)
-        shown: list[Any] = []
+        shown: list[Neighbors] = []
         for result in found:
             if len(shown) < html_limit and run.sheet is not None:
                 shown.append(result)
@@ -1191,7 +1196,7 @@ def neighbors(
     run.write_sheet(neighbors_sheet(vectors, shown, count, facts), vectors)
 
 
-def _neighbor_lines(vectors: Any, result: Any, format_: str) -> list[str]:
+def _neighbor_lines(vectors: Vectors, result: Neighbors, format_: str) -> list[str]:
     path = vectors.paths[result.query]
     pairs = list(zip(result.rows.tolist(), result.similarities.tolist(), strict=True))
     if format_ == "jsonl":
@@ -1275,7 +1280,7 @@ def duplicates(
     run.write_sheet(duplicates_sheet(vectors, groups, html_limit, facts), vectors)
 
 
-def _group_lines(vectors: Any, number: int, group: Any, format_: str) -> list[str]:
+def _group_lines(vectors: Vectors, number: int, group: Group, format_: str) -> list[str]:
     pairs = list(zip(group.rows.tolist(), group.similarities.tolist(), strict=True))
     if format_ == "jsonl":
         return [
@@ -1369,7 +1374,7 @@ def clusters(
 
 
 def _cluster_lines(
-    vectors: Any, cluster: int, members: Any, clustering: Any, format_: str
+    vectors: Vectors, cluster: int, members: np.ndarray, clustering: Clustering, format_: str
 ) -> list[str]:
     if format_ == "jsonl":
         return [

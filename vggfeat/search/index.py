@@ -156,12 +156,16 @@ class Index:
         """Every row at ``threshold`` or above of each query, as faiss gives them:
         ``limits`` (Q + 1,), and row numbers and similarities, query i's in
         ``limits[i]:limits[i + 1]``."""
-        # faiss keeps what is strictly above its radius; the next float below keeps equals.
-        radius = np.nextafter(np.float32(threshold), np.float32(-np.inf))
         limits, similarities, rows = self._index.range_search(
-            np.ascontiguousarray(queries), float(radius)
+            np.ascontiguousarray(queries), _radius(threshold)
         )
         return limits.astype(np.int64), rows, similarities
+
+
+def _radius(threshold: float) -> float:
+    """faiss's radius for a search at ``threshold`` or above: it keeps what is strictly
+    above its radius, so the float32 just below ``threshold`` keeps what equals it."""
+    return float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
 
 
 def _add(index: Any, rows: np.ndarray, on_step: OnStep) -> None:
@@ -207,7 +211,7 @@ def _pair_recall(
     not counted) that a range search finds; None if the sample has no such pair. The
     index's similarities are exact, so what it finds is a subset of the truth: counts
     compare."""
-    radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
+    radius = _radius(threshold)
     true = 0
     for start in range(0, len(sample), RANGE_SAMPLE_BATCH):
         batch = sample[start : start + RANGE_SAMPLE_BATCH]
