@@ -438,6 +438,11 @@ def test_rows_without_a_direction_are_left_out_and_named(tmp_path):
     result = invoke("neighbors", str(path), "-k", "48")
     assert result.exit_code == 2
     assert "holds 48 rows to compare (2 more have no direction)" in result.stderr
+    result = invoke("clusters", str(path), "--clusters", "49")
+    assert result.exit_code == 2
+    assert "holds 48 rows to compare (2 more have no direction); give --clusters 48" in (
+        result.stderr
+    )
 
 
 def test_the_manuals_python_example_runs(tmp_path, monkeypatch):
@@ -476,3 +481,26 @@ def resident_bytes(pid: int) -> int:
         return 0
     found = [line for line in status.splitlines() if line.startswith("VmRSS:")]
     return int(found[0].split()[1]) * 1024 if found else 0
+
+
+def test_the_python_api_refuses_misuse_naming_what_to_pass(spread_file):
+    path, rows = spread_file
+    vectors = read_vectors(path)
+    nan = unit(rows[:10]).astype(np.float32)
+    nan[0] = np.nan
+    cases = [
+        (lambda: kmeans(vectors, clusters=2), TypeError, "read_vectors(...).rows"),
+        (lambda: kmeans([[1.0, 0.0]], clusters=1), TypeError, "not list"),
+        (lambda: kmeans(vectors.rows[0], clusters=1), TypeError, "shape (24,)"),
+        (lambda: kmeans(nan, clusters=2), ValueError, "NaN or an infinity"),
+        (lambda: kmeans(vectors.rows[:0], clusters=1), ValueError, "more than the 0 rows"),
+        (lambda: kmeans(vectors.rows, clusters=2.5), ValueError, "clusters=2.5"),
+        (lambda: NeighborSearch(vectors.rows, k=2), TypeError, "read_vectors(path)"),
+        (lambda: NeighborSearch(vectors, k=2.5), TypeError, "k=2.5"),
+        (lambda: DuplicateSearch(vectors.rows, 0.9), TypeError, "read_vectors(path)"),
+        (lambda: read_vectors(""), ValueError, "no file named"),
+    ]
+    for call, error, words in cases:
+        with pytest.raises(error) as raised:
+            call()
+        assert words in str(raised.value)

@@ -1341,6 +1341,7 @@ def clusters(
     check_clusters(clusters, clusters, file)  # --clusters 0 refused before the file is read
     run = _SearchRun(file, html, quiet, verbose, faiss=False)  # k-means is NumPy's
     vectors = run.read(layer, lambda rows: check_clusters(clusters, rows, file))
+    check_clusters(clusters, len(vectors), file, len(vectors.left_out))
     with run.view:
         clustering = kmeans(vectors.rows, clusters, seed, on_step=run.view.update)
     for cluster in range(len(clustering.sizes)):

@@ -191,8 +191,9 @@ class StepView:
         self.last_line = now
         rate = step.done / (now - self.stage_began)
         left = (step.total - step.done) / rate if rate > 0 else None
+        shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
         self.console.print(
-            f"{step.stage}: {step.done:,}/{step.total:,} {step.unit}, {rate:,.0f} {step.unit}/s"
+            f"{step.stage}: {step.done:,}/{step.total:,} {step.unit}, {shown} {step.unit}/s"
             + (f", {_duration(left)} left" if left else ""),
             highlight=False,
         )

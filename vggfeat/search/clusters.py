@@ -30,6 +30,12 @@ TOLERANCE = 1e-4
 IMPROVEMENT = 5e-5
 #: Seedings tried, each iterated on a sample; the best is iterated on every row.
 RESTARTS = 10
+#: ...as long as their iterations on the sample cost at most this many multiply-adds
+#: (about 10 s on 2 cores), and at least this many seedings whatever they cost: many
+#: clusters make each seeding dearer (it grows with the square of K) and its luck matter
+#: less.
+RESTART_WORK = 2e11
+FEWEST_RESTARTS = 3
 #: The sample the seedings are tried on: this many rows per cluster, or this many at
 #: least (all of them, for a small file), and the iterations each gets there.
 SAMPLE_PER_CLUSTER = 50
@@ -65,14 +71,17 @@ class Clustering:
         return members[order[:count]]
 
 
-def check_clusters(clusters: int, rows: int, file: os.PathLike | str) -> None:
+def check_clusters(clusters: int, rows: int, file: os.PathLike | str, left_out: int = 0) -> None:
+    """Refuse a ``--clusters`` the file cannot answer: more clusters than the rows that
+    can be compared (``left_out`` more cannot)."""
     if clusters < 1:
         raise OptionError(f"--clusters {clusters}: give 1 or more")
-    if clusters > rows:
-        raise OptionError(
-            f"--clusters {clusters}: {os.fspath(file)} holds {rows:,} "
-            f"row{'s' if rows != 1 else ''}; give --clusters {rows:,} or less"
-        )
+    if clusters <= rows:
+        return
+    held = f"{os.fspath(file)} holds {rows:,} row{'s' if rows != 1 else ''}"
+    if left_out:
+        held += f" to compare ({left_out:,} more {'has' if left_out == 1 else 'have'} no direction)"
+    raise OptionError(f"--clusters {clusters}: {held}; give --clusters {rows:,} or less")
 
 
 def kmeans(
@@ -85,12 +94,16 @@ def kmeans(
     """k-means of ``rows`` ((N, D) float32) into ``clusters`` clusters, seeded by ``seed``.
 
     Lloyd's iterations find the nearest local minimum of the seeding, and seedings
-    differ: ``restarts`` seedings are each iterated on a sample of the rows (all of
-    them, for a small file), and the best is iterated on every row until it stops.
+    differ: ``restarts`` seedings (fewer, 3 at least, where many clusters make each
+    dear) are each iterated on a sample of the rows (all of them, for a small file),
+    and the best is iterated on every row until it stops.
     """
-    check_clusters(clusters, len(rows), "the rows")
+    _check_rows(rows, clusters)
     rng = np.random.default_rng(seed)
     size = min(len(rows), max(SAMPLE_PER_CLUSTER * clusters, SMALLEST_SAMPLE))
+    # Each seeding's iterations on the sample cost about this many multiply-adds.
+    work = 2 * SAMPLE_ITERATIONS * size * clusters * rows.shape[1]
+    restarts = max(min(restarts, FEWEST_RESTARTS), min(restarts, int(RESTART_WORK // work)))
     sample = rows if size == len(rows) else rows[np.sort(rng.choice(len(rows), size, False))]
     # Centres have stopped when they moved less than this, squared and summed.
     tolerance = TOLERANCE * float(np.mean(np.var(sample, axis=0, dtype=np.float64)))
@@ -105,6 +118,22 @@ def kmeans(
     on_step(Step("seeding", restarts, restarts, "seedings"))
     _, (squared, labels, iterations) = _lloyd(rows, best, MAX_ITERATIONS, tolerance, on_step)
     return _ordered(rows, best, labels, squared, iterations)
+
+
+def _check_rows(rows: object, clusters: int) -> None:
+    """Refuse what k-means cannot take, naming the argument."""
+    if not isinstance(rows, np.ndarray) or rows.ndim != 2 or rows.dtype.kind != "f":
+        raise TypeError(
+            "kmeans takes rows as an (N, D) float array (read_vectors(...).rows), not "
+            + (f"an array of shape {rows.shape} and dtype {rows.dtype}"
+               if isinstance(rows, np.ndarray) else type(rows).__name__)
+        )  # fmt: skip
+    if not isinstance(clusters, int) or isinstance(clusters, bool) or clusters < 1:
+        raise ValueError(f"kmeans: clusters={clusters!r}: give a whole number, 1 or more")
+    if clusters > len(rows):
+        raise ValueError(f"kmeans: clusters={clusters} is more than the {len(rows):,} rows")
+    if not np.isfinite(rows).all():
+        raise ValueError("kmeans: rows hold NaN or an infinity (read_vectors leaves such rows out)")
 
 
 def _lloyd(

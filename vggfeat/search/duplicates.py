@@ -14,7 +14,7 @@ import numpy as np
 from vggfeat.errors import OptionError
 from vggfeat.search.index import Index
 from vggfeat.search.progress import OnStep, Step, ignore
-from vggfeat.search.vectors import Vectors
+from vggfeat.search.vectors import Vectors, require_vectors
 
 #: Pairs one batch of queries may return; the batch shrinks where rows have many.
 PAIRS_PER_BATCH = 4_000_000
@@ -44,6 +44,7 @@ class DuplicateSearch:
         seed: int = 0,
         on_step: OnStep = ignore,
     ) -> None:
+        require_vectors(vectors, "DuplicateSearch")
         check_threshold(threshold)
         self.vectors = vectors
         self.threshold = threshold

@@ -11,7 +11,7 @@ import numpy as np
 from vggfeat.errors import OptionError
 from vggfeat.search.index import Index
 from vggfeat.search.progress import OnStep, Step, ignore
-from vggfeat.search.vectors import Vectors
+from vggfeat.search.vectors import Vectors, require_vectors
 from vggfeat.store.identity import Identity, home_of
 from vggfeat.text import tsv_unescape
 
@@ -43,6 +43,9 @@ class NeighborSearch:
         seed: int = 0,
         on_step: OnStep = ignore,
     ) -> None:
+        require_vectors(vectors, "NeighborSearch")
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise TypeError(f"NeighborSearch: k={k!r}: give a whole number of neighbours")
         check_k(k, len(vectors), vectors.file, len(vectors.left_out))
         self.vectors = vectors
         self.k = k

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vggfeat.atomic import size_text
-from vggfeat.errors import OutputError
+from vggfeat.errors import OptionError, OutputError
 from vggfeat.export import CHUNK_BYTES, unit_length
 from vggfeat.memory import free_bytes
 from vggfeat.search.progress import OnStep, Step, ignore
@@ -61,6 +61,15 @@ class Vectors:
         return Identity(home_of(self.file))
 
 
+def require_vectors(vectors: object, user: str) -> None:
+    """Refuse anything but ``Vectors``, naming where they come from."""
+    if not isinstance(vectors, Vectors):
+        raise TypeError(
+            f"{user} takes the Vectors that read_vectors(path) returns, not "
+            f"{type(vectors).__name__}"
+        )
+
+
 def read_vectors(
     path: str | os.PathLike,
     layer: str | None = None,
@@ -75,6 +84,8 @@ def read_vectors(
     ``OutputError`` when the file has no rows, or the layer would not fit in
     the memory there is.
     """
+    if not os.fspath(path):
+        raise OptionError("no file named: give the path of a vggfeat file")
     source = output_path(path)
     with open_features(source) as file:
         name = file.choose_layer(layer)
