@@ -49,6 +49,8 @@ class Tile:
 
     row: int
     caption: str
+    query: bool = False
+    """The image a neighbours section is about, framed."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def neighbors_sheet(
     """A section per query: the query, then its neighbours with their similarities."""
     sections = []
     for result in found:
-        tiles = [Tile(result.query, "query")]
+        tiles = [Tile(result.query, "query", query=True)]
         shown = min(len(result.rows), TILES_PER_SECTION)
         tiles += [
             Tile(int(row), f"{rank}: {similarity:.3f}")
@@ -110,7 +112,7 @@ def neighbors_sheet(
                 zip(result.rows[:shown], result.similarities[:shown], strict=True), start=1
             )
         ]
-        heading = f"{vectors.paths[result.query]}"
+        heading = vectors.paths[result.query]
         sections.append(Section(heading, tuple(tiles), len(result.rows) - shown))
     title = f"Nearest neighbours in {vectors.file.name}"
     return Sheet("neighbors", title, tuple(facts), tuple(sections), queries, "queries")
@@ -382,7 +384,7 @@ def _navigation(number: int, names: Sequence[str]) -> list[str]:
 def _figure(tile: Tile, vectors: Vectors, made: Thumbnail | str) -> str:
     e = _escaped
     path = vectors.paths[tile.row]
-    query = ' class="query"' if tile.caption == "query" else ""
+    query = ' class="query"' if tile.query else ""
     folder, name = os.path.split(path)
     caption = (
         f'<figcaption title="{e(path)}"><span class="score">{e(tile.caption)}</span>'
