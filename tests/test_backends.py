@@ -122,7 +122,7 @@ def test_a_backend_that_is_not_installed_is_one_line_before_any_work(tmp_path):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.stdout.strip() == "exit 1 False", result.stderr
     assert result.stderr.strip() == (
-        "Error: the jax backend needs jax, which is not installed: pip install 'vggfeat[jax]', "
+        "Error: the jax backend needs jax, which is not installed: pip install 'jax>=0.6', "
         "or use --backend tensorflow"
     )
     assert not list(tmp_path.iterdir())

@@ -196,7 +196,7 @@ def test_parquet_without_pyarrow_is_one_line(flat, monkeypatch):
     result = run(str(flat), "--layer", "conv1_1", "--format", "parquet")
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
-        "Error: --format parquet needs pyarrow: pip install 'vggfeat[parquet]'"
+        "Error: --format parquet needs pyarrow: pip install pyarrow"
     ]
 
 

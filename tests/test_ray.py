@@ -218,7 +218,7 @@ def test_without_ray_the_engine_is_refused_before_tensorflow(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.stdout.strip() == "exit 1 False", result.stderr
-    assert "pip install 'vggfeat[ray]'" in result.stderr
+    assert "pip install 'ray[data]>=2.60,<3'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 

@@ -304,7 +304,7 @@ def test_without_faiss_one_line_says_how_to_install_it_and_clusters_work(spread_
         result = invoke(command, str(path))
         assert result.exit_code == 1
         assert result.stderr.strip() == (
-            "Error: searching features needs faiss: pip install 'vggfeat[search]'"
+            "Error: searching features needs faiss: pip install faiss-cpu"
         )
     assert invoke("clusters", str(path), "--clusters", "2").exit_code == 0  # NumPy alone
 

@@ -515,7 +515,5 @@ def _pyarrow() -> tuple[Any, Any]:
         import pyarrow
         import pyarrow.parquet
     except ImportError:
-        raise OptionError(
-            "--format parquet needs pyarrow: pip install 'vggfeat[parquet]'"
-        ) from None
+        raise OptionError("--format parquet needs pyarrow: pip install pyarrow") from None
     return pyarrow, pyarrow.parquet

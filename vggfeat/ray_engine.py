@@ -35,7 +35,7 @@ from vggfeat.memory import ACTIVATION_FACTOR, BATCH_SIZES
 from vggfeat.ray_cluster import Session, Watchdog, check_address, first_line, node_id
 from vggfeat.runtime import BACKEND_NAMES, backend_version
 
-INSTALL = "pip install 'vggfeat[ray]'"
+INSTALL = "pip install 'ray[data]>=2.60,<3'"
 #: Seconds without results, start-up included, after which a run stops rather than hang.
 STALL_SECONDS = 300.0
 #: Images per decoding task: enough to amortise a task, few enough to spread them.

@@ -34,7 +34,7 @@ BACKENDS = ("tensorflow", "jax")
 BACKEND_NAMES = {"tensorflow": "TensorFlow", "jax": "JAX"}
 INSTALL = {
     "tensorflow": "pip install 'tensorflow>=2.21,<2.22'",
-    "jax": "pip install 'vggfeat[jax]'",
+    "jax": "pip install 'jax>=0.6'",
 }
 GPU_INSTALL = {
     "tensorflow": "pip install 'tensorflow[and-cuda]' (Linux; TensorFlow has no GPU build for "

@@ -15,7 +15,8 @@ One room each:
     clusters    k-means, numbered by size
     progress    how far a search has got, as events
 
-faiss is the ``search`` extra: ``pip install 'vggfeat[search]'``.
+faiss is the ``search`` extra (``pip install faiss-cpu``, or ``pip install -e '.[search]'``
+in a clone).
 """
 
 from vggfeat.search.clusters import Clustering, check_clusters, kmeans

@@ -53,9 +53,7 @@ def require_faiss() -> Any:
     try:
         import faiss
     except ImportError:
-        raise SearchUnavailable(
-            "searching features needs faiss: pip install 'vggfeat[search]'"
-        ) from None
+        raise SearchUnavailable("searching features needs faiss: pip install faiss-cpu") from None
     return faiss
 
 
