@@ -270,6 +270,9 @@ def test_refusals_are_one_line_with_exit_2(flat, tmp_path):
         ("--layer", "conv1_1"): "give --format (npy, csv, tsv, jsonl, fvecs, parquet) for stand",
         ("--layer", "conv1_1", "-o", str(tmp_path / "x.bin")): "give --format",
         ("--layer", "conv1_1", "--format", "npy", "-o", str(flat)): "is the file being exported",
+        ("--layer", "conv1_1", "--format", "npy", "-o", str(tmp_path / "c.csv")): (
+            "--format npy, but -o " + str(tmp_path / "c.csv") + " is named as csv"
+        ),
     }
     for args, message in cases.items():
         result = run(str(flat), *args)

@@ -383,7 +383,8 @@ def test_rows_computed_in_other_precisions_are_not_mixed(tmp_path, monkeypatch):
     monkeypatch.setattr(network_module, "cpu_has_fast_bfloat16", lambda: True)
     with pytest.raises(
         VggfeatError,
-        match=r"computing in \(--precision, --backend and the device decide\) float32 in the file",
+        match=r"computed in float32 in the file, in bfloat16 now \(--precision, --backend and "
+        r"the device decide\)",
     ):
         extract([tmp_path / "photos"], output, **OPTIONS, precision="mixed")
     monkeypatch.setattr(network_module, "cpu_has_fast_bfloat16", lambda: False)

@@ -574,7 +574,13 @@ def export(
     to_stdout = output == "-"
     if to_stdout and sys.stdout is None:
         raise click.ClickException("standard output is closed: give -o FILE")
-    format_ = format_ or (None if to_stdout else format_of(output))
+    implied = None if to_stdout else format_of(output)
+    if format_ and implied and implied != format_ and not output.lower().endswith(".txt"):
+        raise _BadOption(
+            f"--format {format_}, but -o {terminal.printable(output)} is named as {implied}: "
+            f"name the file for {format_}, or give --format {implied}"
+        )
+    format_ = format_ or implied
     if format_ is None:
         where = "standard output" if to_stdout else f"-o {output}"
         raise _BadOption(f"give --format ({', '.join(FORMATS)}) for {where}")

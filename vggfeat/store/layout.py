@@ -73,6 +73,11 @@ class Settings:
                     for name, head in ours[key].items()
                     if theirs[key].get(name, head) != head
                 ]
+            elif key == "compute_dtype" and ours[key] != theirs[key]:
+                found.append(
+                    f"computed in {ours[key]} {where}, in {theirs[key]} now (--precision, "
+                    "--backend and the device decide)"
+                )
             elif ours[key] != theirs[key]:
                 found.append(
                     f"{_OPTIONS[key]} {_shown(ours[key])} {where}, {_shown(theirs[key])} now"
@@ -153,7 +158,6 @@ _OPTIONS = {
     "seed": "--seed",
     "image_size": "--image-size",
     "resize": "--resize",
-    "compute_dtype": "computing in (--precision, --backend and the device decide)",
     "dtype": "--dtype",
 }
 
