@@ -735,7 +735,11 @@ def devices(as_json: bool) -> None:
     help="Where the network computes.  [default: the first GPU the backend sees, else cpu]",
 )
 @choice_option("--dtype", STORED_DTYPES, "How features are stored; float16 halves the file.")
-@choice_option("--compression", COMPRESSIONS, "HDF5 compression of the features.")
+@choice_option(
+    "--compression",
+    COMPRESSIONS,
+    "HDF5 compression of the features. lzf is written as gzip: only h5py reads LZF.",
+)
 @click.option(
     "--files-from",
     type=_PathList(),

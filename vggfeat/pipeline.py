@@ -37,6 +37,10 @@ from vggfeat.weights import (
     source_of,
 )
 
+#: Compressions offered for files written before, and what new files get instead: LZF is
+#: h5py's own filter, which h5dump, R and the browser viewers cannot read.
+WRITTEN_AS = {"lzf": "gzip"}
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -263,7 +267,8 @@ class _Run:
             "command": options.command or shlex.join(sys.argv),
             **_versions(options.backend),
         }
-        layout = Layout(settings, options.layer_specs(), options.compression, attributes)
+        compression = WRITTEN_AS.get(options.compression, options.compression)
+        layout = Layout(settings, options.layer_specs(), compression, attributes)
         writer = RunWriter.open(
             options.output,
             layout,
@@ -274,6 +279,12 @@ class _Run:
             prune=options.prune,
         )
         writer.commit_images = options.commit_every
+        if compression != options.compression:
+            self._notice(
+                f"--compression {options.compression}: only h5py reads it; writing "
+                f"{compression}, which every HDF5 reader has (a file already in "
+                f"{options.compression} is continued in it)"
+            )
         self._notice(*writer.notices)
         return writer
 
