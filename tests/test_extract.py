@@ -399,4 +399,16 @@ def test_hdf5s_own_h5dump_reads_every_compression_offered(tmp_path, compression)
         dataset = file["features/conv1_1"]
         expected = dataset[: int(file["committed"][0])]
         assert dataset.compression == {"none": None}.get(compression, "gzip")
+        paths = file["paths"].asstr()[:].tolist()
     assert np.array_equal(np.array(values, np.float32).reshape(expected.shape), expected)
+    # Paths print as they are: null-terminated, not padded with \000 to their width.
+    done = subprocess.run(
+        [h5dump, "-d", "/paths", "-y", "-w", "0", "-o", str(raw), str(output)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (
+        re.findall(r'"([^"]*)"', raw.read_text())
+        == paths
+        == stored_paths(sorted((tmp_path / "photos").iterdir()), output)
+    )

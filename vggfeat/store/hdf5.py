@@ -84,8 +84,8 @@ def create(path: os.PathLike | str, layout: Layout, width: int) -> None:
     """Write an empty output file with every dataset and attribute, ready for appending."""
     import h5py
 
-    text = h5py.string_dtype("utf-8", width)
-    reasons = h5py.string_dtype("utf-8", REASON_WIDTH)
+    text = _text(width)
+    reasons = _text(REASON_WIDTH)
     strings = {"compression": "gzip", "compression_opts": 1}
     with h5py.File(path, "w", libver="latest") as file:
         file.attrs["format"] = "vggfeat"
@@ -130,12 +130,10 @@ def create(path: os.PathLike | str, layout: Layout, width: int) -> None:
 
 
 def _create_runs(file: H5File) -> None:
-    import h5py
-
     file.create_dataset(
         "runs",
         (0,),
-        h5py.string_dtype("utf-8", RUN_WIDTH),
+        _text(RUN_WIDTH),
         maxshape=(None,),
         chunks=(16,),
         compression="gzip",
@@ -162,7 +160,7 @@ class Appender:
             _truncate(dataset, self.rows)
         for name in ("failed/paths", "failed/reasons", "failed/size", "failed/mtime_ns"):
             _truncate(file[name], self.failures)
-        self.width = file["paths"].dtype.itemsize
+        self.width = text_width(file["paths"])
         self.row_of = {p: i for i, p in enumerate(read_strings(file["paths"], self.rows))}
         self.failure_of = {
             p: i for i, p in enumerate(read_strings(file["failed/paths"], self.failures))
@@ -256,6 +254,28 @@ def _place(
 def _truncate(dataset: H5Dataset, count: int) -> None:
     if len(dataset) != count:
         dataset.resize(count, axis=0)
+
+
+def _text(width: int) -> Any:
+    """Fixed-width UTF-8 text of up to ``width`` bytes, null-terminated: HDF5's tools
+    print it as written (the null-padded text of earlier files prints every pad byte
+    as ``\\000``); h5py reads both alike, and a file keeps the kind it was made with."""
+    import h5py
+
+    kind = h5py.h5t.C_S1.copy()
+    kind.set_size(width + 1)
+    kind.set_strpad(h5py.h5t.STR_NULLTERM)
+    kind.set_cset(h5py.h5t.CSET_UTF8)
+    return h5py.Datatype(kind)
+
+
+def text_width(dataset: H5Dataset) -> int:
+    """The bytes of text each string of ``dataset`` can hold: a null-terminated string
+    keeps one byte for its null."""
+    import h5py
+
+    kind = dataset.id.get_type()
+    return int(kind.get_size()) - (kind.get_strpad() == h5py.h5t.STR_NULLTERM)
 
 
 def _encoded(values: Sequence[str]) -> list[bytes]:
