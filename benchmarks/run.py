@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -164,6 +165,20 @@ def run_suite(profile: Profile, work: Path) -> tuple[list[Row], dict[str, str]]:
         "ratio_mixed_to_batched_recipe": f"{steady_mixed / recipe:.2f}",
     }
     return rows, facts
+
+
+def profile_main(
+    doc: str, profiles: Iterable[str], measure: Callable[[str, Path], list[str]]
+) -> None:
+    """A benchmark's command line: ``--profile`` of ``profiles`` and ``--no-record``; runs
+    ``measure(profile, scratch folder)`` and shows (and records) the table it returns."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--profile", choices=sorted(profiles), default="cpu")
+    parser.add_argument("--no-record", action="store_true", help="Print only.")
+    arguments = parser.parse_args()
+    results = None if arguments.no_record else ROOT / "benchmarks" / "RESULTS.md"
+    with tempfile.TemporaryDirectory() as temp:
+        show_and_record(measure(arguments.profile, Path(temp)), results)
 
 
 def show_and_record(lines: list[str], results: Path | None) -> None:

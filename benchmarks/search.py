@@ -21,11 +21,9 @@ Appends its table to benchmarks/RESULTS.md unless ``--no-record``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from run import ROOT, show_and_record
+from run import ROOT, profile_main
 
 
 @dataclass(frozen=True)
@@ -190,13 +188,7 @@ def measure(profile_name: str, folder: Path) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    parser.add_argument("--no-record", action="store_true", help="Print only.")
-    arguments = parser.parse_args()
-    results = None if arguments.no_record else ROOT / "benchmarks" / "RESULTS.md"
-    with tempfile.TemporaryDirectory() as temp:
-        show_and_record(measure(arguments.profile, Path(temp)), results)
+    profile_main(__doc__, PROFILES, measure)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,10 @@ Appends its table to benchmarks/RESULTS.md unless ``--no-record``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import ROOT, show_and_record
+from run import ROOT, profile_main
 
 
 @dataclass(frozen=True)
@@ -167,13 +165,7 @@ def measure(profile_name: str, folder: Path) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    parser.add_argument("--no-record", action="store_true", help="Print only.")
-    arguments = parser.parse_args()
-    results = None if arguments.no_record else ROOT / "benchmarks" / "RESULTS.md"
-    with tempfile.TemporaryDirectory() as temp:
-        show_and_record(measure(arguments.profile, Path(temp)), results)
+    profile_main(__doc__, PROFILES, measure)
 
 
 if __name__ == "__main__":

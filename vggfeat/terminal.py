@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vggfeat.text import printable
@@ -57,8 +58,9 @@ def _bar(out: Console, rate: str = "", after: str = "", transient: bool = False)
     return Progress(*columns, console=out, transient=transient)
 
 
-class ProgressView:
-    """Progress on stderr: a rich bar on a terminal, a line every few seconds elsewhere."""
+class _View:
+    """What the views share: the stderr console, a rich bar while one is drawn, and a
+    reader of stderr that goes away (| head) stopping the messages, never the work."""
 
     PLAIN_EVERY = 10.0
 
@@ -69,13 +71,6 @@ class ProgressView:
         self.task: TaskID | None = None
         self.last_line = time.monotonic()  # the first line when there is a rate to show
 
-    def __enter__(self) -> ProgressView:
-        if not self.quiet and self.console.is_terminal:
-            self.bar = _bar(self.console, "{task.fields[rate]}", "{task.fields[failed]}")
-            self.bar.__enter__()
-            self.task = self.bar.add_task("starting", total=None, rate="", failed="")
-        return self
-
     def __exit__(self, *exc: object) -> None:
         self.pause()
 
@@ -84,28 +79,38 @@ class ProgressView:
             self.bar.__exit__(None, None, None)
             self.bar = None
 
-    def notice(self, line: str) -> None:
-        """Show a line the run says stops nothing (a batch capped, a damaged part set aside)."""
+    def _guarded(self, show: Callable[[], object]) -> None:
+        """``show()``, unless quiet; once stderr's reader has gone, quiet from then on."""
         if self.quiet:
             return
         try:
-            self.console.print(
-                f"Note: {printable(line)}", highlight=False, markup=False, soft_wrap=True
-            )
+            show()
         except BrokenPipeError:
             drop_stderr()
             self.quiet = True
 
+
+class ProgressView(_View):
+    """Progress on stderr: a rich bar on a terminal, a line every few seconds elsewhere."""
+
+    def __enter__(self) -> ProgressView:
+        if not self.quiet and self.console.is_terminal:
+            self.bar = _bar(self.console, "{task.fields[rate]}", "{task.fields[failed]}")
+            self.bar.__enter__()
+            self.task = self.bar.add_task("starting", total=None, rate="", failed="")
+        return self
+
+    def notice(self, line: str) -> None:
+        """Show a line the run says stops nothing (a batch capped, a damaged part set aside)."""
+        self._guarded(
+            lambda: self.console.print(
+                f"Note: {printable(line)}", highlight=False, markup=False, soft_wrap=True
+            )
+        )
+
     def update(self, progress: Progress) -> None:
-        """Show ``progress``; a reader of stderr that went away (| head) stops the messages,
-        never the run."""
-        if self.quiet:
-            return
-        try:
-            self._show(progress)
-        except BrokenPipeError:
-            drop_stderr()
-            self.quiet = True
+        """Show ``progress``."""
+        self._guarded(lambda: self._show(progress))
 
     def _show(self, progress: Progress) -> None:
         if progress.done == 0:
@@ -137,19 +142,14 @@ class ProgressView:
             )
 
 
-class StepView:
+class StepView(_View):
     """A search's progress on stderr: a rich bar per stage on a terminal, a line every
     few seconds elsewhere; nothing for a search done in less."""
 
-    PLAIN_EVERY = 10.0
-
     def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.console = console(stderr=True)
-        self.bar: RichProgress | None = None
-        self.task: TaskID | None = None
+        super().__init__(quiet)
         self.stage = ""
-        self.stage_began = self.last_line = time.monotonic()
+        self.stage_began = self.last_line
 
     def __enter__(self) -> StepView:
         if not self.quiet and self.console.is_terminal:
@@ -158,19 +158,11 @@ class StepView:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
+        self.pause()
         self.task, self.stage = None, ""  # the next block draws a bar of its own
 
     def update(self, step: SearchStep) -> None:
-        if self.quiet:
-            return
-        try:
-            self._show(step)
-        except BrokenPipeError:
-            drop_stderr()
-            self.quiet = True
+        self._guarded(lambda: self._show(step))
 
     def _show(self, step: SearchStep) -> None:
         now = time.monotonic()

@@ -87,7 +87,7 @@ class DuplicateSearch:
                 continue
             members = order[begin : begin + size]
             similarities = rows[members] @ rows[members[0]]
-            similarities[0] = np.float32(1.0) if np.any(rows[members[0]]) else np.float32(0.0)
+            similarities[0] = 1  # itself, exactly (every row has unit length)
             groups.append(Group(members, similarities))
         groups.sort(key=lambda group: (-len(group.rows), int(group.rows[0])))
         return groups
