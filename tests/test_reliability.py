@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ import pytest
 from PIL import Image
 
 import vggfeat
-from tests.conftest import absolute_paths
+from tests.conftest import absolute_paths, write_features
+from vggfeat.atomic import write_error
 from vggfeat.errors import VggfeatError
 from vggfeat.network import CutNetwork
 from vggfeat.pipeline import Interrupted, extract
@@ -339,8 +341,87 @@ def _check_refused_as_nobody(private: Path) -> None:
     )  # fmt: skip
     assert (result.returncode, result.stdout) == (1, "tensorflow not imported")
     assert result.stderr.strip() == f"Error: cannot write output {private}/out.h5: " + (
-        f"no permission to write in {private}"
+        f"no permission to write in {private}; write the output elsewhere with -o"
     )
+    features = write_features(private.parent / "f.h5", ["a.png"], np.ones((1, 4), np.float32))
+    for args, refused in _writes_in(private, features):
+        result = subprocess.run(
+            [*drop, sys.executable, "-m", "vggfeat", *args], cwd=ROOT, capture_output=True,
+            text=True, timeout=300,
+        )  # fmt: skip
+        assert (result.returncode, result.stderr.strip()) == (
+            1, refused(f"no permission to write in {private}")
+        ), args  # fmt: skip
+
+
+def _writes_in(folder: Path, features: Path) -> list[tuple[list[str], Callable[[str], str]]]:
+    """A command of each kind that writes a file in ``folder``, and the line it is refused
+    with, given the reason."""
+    return [
+        (["export", str(features), "-o", str(folder / "f.csv")],
+         lambda why: f"Error: cannot write {folder}/f.csv: {why}; write it elsewhere with -o"),
+        (["export", str(features), "-o", os.devnull, "--format", "csv", "--paths-to",
+          str(folder / "p.txt")],
+         lambda why: f"Error: cannot write {folder}/p.txt: {why}; write it elsewhere with "
+         "--paths-to"),
+        (["duplicates", str(features), "--html", str(folder / "d.html")],
+         lambda why: f"Error: --html {folder}/d.html: {why}; write the page elsewhere with "
+         "--html"),
+    ]  # fmt: skip
+
+
+def read_only(folder: Path) -> list[str]:
+    """A command prefix that runs its command with ``folder`` mounted read-only: a bind
+    mount in a user and mount namespace of the command's own, gone when it ends."""
+    remount = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"'
+    prefix = ["unshare", "-rm", "sh", "-c", remount, str(folder)]
+    probe = subprocess.run([*prefix, "touch", str(folder / "probe")], capture_output=True)
+    if shutil.which("unshare") is None or "Read-only file system" not in probe.stderr.decode():
+        pytest.skip(f"cannot mount a folder read-only here (unshare -rm): {probe.stderr!r}")
+    return prefix
+
+
+def test_a_read_only_mount_is_said_so_and_a_finished_file_there_has_nothing_new(tmp_path):
+    photos = make_photos(tmp_path / "photos", 3, broken=0)
+    output = tmp_path / "features.h5"
+    extract = ["extract", str(photos), "--layer", "pool1", "--pool", "avg", "--image-size",
+               "32", "--weights", "random", "--backend", "jax"]  # fmt: skip
+    made = subprocess.run(
+        [sys.executable, "-m", "vggfeat", *extract, "-o", str(output), "--quiet"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    before = sorted(os.listdir(tmp_path)), output.read_bytes()
+    mounted = read_only(tmp_path)
+    again = watching_imports([*extract, "-o", str(output)], prefix=mounted)
+    assert (again.returncode, again.stdout) == (0, "tensorflow not imported"), again.stderr
+    assert again.stderr.strip() == f"Nothing new: all 3 images are already in {output} (3 rows)."
+    new = watching_imports([*extract, "-o", str(tmp_path / "new.h5")], prefix=mounted)
+    assert (new.returncode, new.stdout) == (1, "tensorflow not imported")
+    assert new.stderr.strip() == (
+        f"Error: cannot write output {tmp_path}/new.h5: {tmp_path} is on a read-only file "
+        "system; write the output elsewhere with -o"
+    )
+    for args, refused in _writes_in(tmp_path, output):
+        result = subprocess.run(
+            [*mounted, sys.executable, "-m", "vggfeat", *args], cwd=ROOT, capture_output=True,
+            text=True, timeout=300,
+        )  # fmt: skip
+        assert (result.returncode, result.stderr.strip()) == (
+            1, refused(f"{tmp_path} is on a read-only file system")
+        ), args  # fmt: skip
+    assert (sorted(os.listdir(tmp_path)), output.read_bytes()) == before
+
+
+def test_a_write_refused_part_way_names_its_cause(tmp_path):
+    target, kept = tmp_path / "part.npz", "completed work is kept in x.parts"
+    for code, cause in ((errno.EROFS, f"{tmp_path} is on a read-only file system"),
+                        (errno.EACCES, f"no permission to write in {tmp_path}")):  # fmt: skip
+        error = write_error(OSError(code, os.strerror(code)), target, tmp_path / "x", kept)
+        assert str(error) == (
+            f"cannot write {target}: {cause}; {kept}: run the same command again once it can "
+            "be written"
+        )
 
 
 #: Runs the command line as ``vggfeat`` does, then says whether TensorFlow was imported.

@@ -90,8 +90,41 @@ def write_error(error: Exception, target: Path, output: Path, kept: str) -> Outp
             f"file size limit reached writing {target} (see 'ulimit -f'); {kept}: "
             "raise the limit and run the same command to continue"
         )
+    refused = refusal(target.parent, code)
+    if refused is not None:
+        return OutputError(
+            f"cannot write {target}: {refused}; {kept}: run the same command again once it "
+            "can be written"
+        )
     reason = getattr(error, "strerror", None) or first_line(error)
     return OutputError(f"cannot write {target}: {reason}; {kept}")
+
+
+def why_unwritable(folder: Path) -> str | None:
+    """Why this process cannot make files in ``folder``, in words (``refusal``'s); None
+    where it can."""
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    return refusal(folder, errno.EROFS if read_only(folder) else errno.EACCES)
+
+
+def refusal(folder: Path, code: int | None) -> str | None:
+    """A write in ``folder`` refused with error ``code``, in words: ``<folder> is on a
+    read-only file system`` or ``no permission to write in <folder>``; None for any other
+    error. A read-only mount refuses even root, whom permission bits do not stop."""
+    if code not in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return None
+    if code == errno.EROFS or read_only(folder):
+        return f"{folder} is on a read-only file system"
+    return f"no permission to write in {folder}"
+
+
+def read_only(path: Path) -> bool:
+    """Whether ``path`` lies on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def require_space(folder: Path, need: int, purpose: str, output: Path, kept: str) -> None:

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from vggfeat.atomic import try_lock
+from vggfeat.atomic import refusal, try_lock
 from vggfeat.errors import OptionError, OutputError, VggfeatError
 from vggfeat.interrupts import raise_kept_stop
 from vggfeat.store import LayerSpec, open_features, output_path, parts_folder
@@ -264,8 +264,10 @@ def export(
         column = file.features[name]
         shape = tuple(column.shape[1:])
         writer_type = FORMATS[format]
-        paths_output = _written(paths_to) if paths_to is not None else contextlib.nullcontext()
-        with _written(out) as stream, paths_output as paths_stream:
+        paths_output = (
+            _written(paths_to, "--paths-to") if paths_to is not None else contextlib.nullcontext()
+        )
+        with _written(out, "-o") as stream, paths_output as paths_stream:
             writer = writer_type(stream, file.layers[name], shape, _Options(paths, header))
             stored = np.dtype(file.attributes.get("dtype", "float32"))
             dtype = np.dtype(np.float32) if normalize else writer.dtype(stored)
@@ -353,8 +355,8 @@ def unit_length(values: np.ndarray) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _written(target: str | os.PathLike | IO[bytes]) -> Iterator[_Named]:
-    """Where one output goes, as a stream whose write errors name it.
+def _written(target: str | os.PathLike | IO[bytes], option: str) -> Iterator[_Named]:
+    """Where one output goes (given as ``option``), as a stream whose write errors name it.
 
     A stream stays as it is. A path to a device, a FIFO or anything else that
     is not a regular file (``/dev/null``, ``/dev/stdout``) is written straight
@@ -369,7 +371,7 @@ def _written(target: str | os.PathLike | IO[bytes]) -> Iterator[_Named]:
         named.flush()
         return
     shown = os.fspath(target)
-    if not _regular_or_new(shown):
+    if not _regular_or_new(shown, option):
         with _naming(shown):
             device: IO[bytes] = open(shown, "wb")  # noqa: SIM115
         with _closed(device):
@@ -380,7 +382,7 @@ def _written(target: str | os.PathLike | IO[bytes]) -> Iterator[_Named]:
     final = Path(os.path.realpath(shown))
     digest = hashlib.sha256(os.fsencode(final.name)).hexdigest()[:16]
     partial = final.with_name(f".vggfeat-export-{digest}.partial")
-    stream = _claim(partial, shown)
+    stream = _claim(partial, shown, option)
     with contextlib.suppress(OSError):  # a file replaced keeps its permissions
         os.chmod(partial, stat.S_IMODE(os.stat(final).st_mode))
     try:
@@ -407,25 +409,34 @@ def _closed(stream: IO[bytes]) -> Iterator[None]:
     stream.close()
 
 
-def _regular_or_new(path: str) -> bool:
+def _regular_or_new(path: str, option: str) -> bool:
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
     except FileNotFoundError:
         return True  # not there yet (or a dangling symlink): a new file
-    except OSError as error:  # a symlink loop, say
-        raise VggfeatError(f"cannot write {path}: {error.strerror or error}") from None
+    except OSError as error:  # a symlink loop, a folder that cannot be looked in
+        raise _cannot_write(path, Path(os.path.abspath(path)).parent, error, option) from None
 
 
-def _claim(partial: Path, shown: str) -> IO[bytes]:
+def _claim(partial: Path, shown: str, option: str) -> IO[bytes]:
     """The partial file, opened, locked and emptied; refused while another export holds it."""
     try:
         descriptor = try_lock(partial, os.O_WRONLY | os.O_CREAT)
     except OSError as error:
-        raise VggfeatError(f"cannot write {shown}: {error.strerror or error}") from None
+        raise _cannot_write(shown, partial.parent, error, option) from None
     if descriptor is None:
         raise VggfeatError(f"another export is writing {shown}; wait for it, or name another file")
     os.ftruncate(descriptor, 0)
     return open(descriptor, "wb", buffering=1 << 20)
+
+
+def _cannot_write(shown: str, folder: Path, error: OSError, option: str) -> VggfeatError:
+    """An output (given as ``option``) that could not be opened in ``folder``, in one line:
+    a read-only file system or no permission said so, with what to do."""
+    refused = refusal(folder, error.errno)
+    if refused is not None:
+        return OutputError(f"cannot write {shown}: {refused}; write it elsewhere with {option}")
+    return VggfeatError(f"cannot write {shown}: {error.strerror or error}")
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO
 
-from vggfeat.atomic import temporary_name, write_atomically
+from vggfeat.atomic import temporary_name, why_unwritable, write_atomically
 from vggfeat.errors import OptionError, OutputError
 from vggfeat.images import Thumbnail, thumbnail
 from vggfeat.interrupts import signals_deferred
@@ -86,12 +86,13 @@ def check_target(target: str | os.PathLike, features: str | os.PathLike) -> Path
         raise OptionError(f"--html {shown}: that is the features file; name an .html page")
     if path.suffix.lower() not in PAGE_SUFFIXES:
         raise OptionError(f"--html {shown}: name an .html page (sheet.html, say)")
-    if path.exists() and not path.is_file():
+    if os.path.exists(path) and not path.is_file():  # False where it cannot be looked at
         raise OptionError(f"--html {shown}: not a regular file; name an .html page to write")
     if not path.parent.is_dir():
         raise OptionError(f"--html {shown}: the folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise OutputError(f"--html {shown}: cannot write in {path.parent} (permission denied)")
+    refused = why_unwritable(path.parent)
+    if refused is not None:
+        raise OutputError(f"--html {shown}: {refused}; write the page elsewhere with --html")
     return path
 
 

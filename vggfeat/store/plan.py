@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vggfeat.atomic import TEMPORARY_SUFFIX, Lock, fsync_folder, write_atomically
+from vggfeat.atomic import TEMPORARY_SUFFIX, Lock, fsync_folder, why_unwritable, write_atomically
 from vggfeat.errors import OptionError, OutputError
 from vggfeat.store.hdf5 import FORMAT_VERSION, counts, open_hdf5, read_attributes
 from vggfeat.store.identity import Stamp, parts_folder
@@ -33,6 +33,8 @@ from vggfeat.store.layout import Layout, Settings
 
 #: What to do about an output that cannot be continued, after the reason.
 OUTPUT_ADVICE = "; choose another -o, or --overwrite to replace it"
+#: What to do about an output whose folder cannot be written.
+WRITE_ELSEWHERE = "write the output elsewhere with -o"
 
 
 @dataclass(frozen=True)
@@ -225,8 +227,8 @@ def needs_work(path: str, done: Stamp | None, update: bool) -> bool:
 # Checks before anything changes ---------------------------------------------------------------
 
 
-def check_writable(path: Path) -> None:
-    """Refuse an output whose folder is missing, not a folder, or not ours to write in."""
+def check_output_folder(path: Path) -> None:
+    """Refuse an output that is a folder, or whose folder is missing or not a folder."""
     if os.path.isdir(path):  # False, not an error, where the folder cannot be searched
         raise OutputError(
             f"output {path} is a folder; give a file name such as {path / 'features.h5'}"
@@ -240,8 +242,20 @@ def check_writable(path: Path) -> None:
         raise OutputError(f"cannot write output {path}: {error.strerror or error}") from None
     if not is_folder:
         raise OutputError(f"cannot write output {path}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write output {path}: no permission to write in {parent}")
+    if not os.access(parent, os.X_OK):  # where the output is cannot even be looked at
+        raise OutputError(
+            f"cannot write output {path}: no permission to write in {parent}; {WRITE_ELSEWHERE}"
+        )
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an output whose folder, or parts folder, this process cannot make files in:
+    a read-only file system, or no permission."""
+    folder = parts_folder(path)
+    for place in (path.parent, *([folder] if folder.is_dir() else [])):
+        refused = why_unwritable(place)
+        if refused is not None:
+            raise OutputError(f"cannot write output {path}: {refused}; {WRITE_ELSEWHERE}")
 
 
 def check_output(path: Path, settings: Settings) -> None:

@@ -6,7 +6,8 @@ joins the run already recorded), and holds an exclusive lock on each shard it
 works on: every unfinished shard for a plain run, one with ``--shard``.
 
 A run with nothing to do on a finished output touches nothing: no folder, no
-record, no lock, so any number of such runs (shards included) can start at once.
+record, no lock, so any number of such runs (shards included) can start at once,
+and one on a read-only file system answers as anywhere else.
 A process that joins a run at the moment another finishes it, and removes its
 folder, plans again.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vggfeat.atomic import RESERVE_BYTES, Lock, require_space
+from vggfeat.atomic import RESERVE_BYTES, Lock, refusal, require_space
 from vggfeat.errors import OutputError
 from vggfeat.images import Failure, Source
 from vggfeat.interrupts import signals_deferred
@@ -45,10 +46,12 @@ from vggfeat.store.journal import (
 )
 from vggfeat.store.layout import Layout, Rows
 from vggfeat.store.plan import (
+    WRITE_ELSEWHERE,
     Plan,
     Shard,
     abandoned,
     check_output,
+    check_output_folder,
     check_unfinished,
     check_writable,
     claim,
@@ -184,7 +187,7 @@ class RunWriter:
     @classmethod
     def _open(cls, request: _Request) -> RunWriter:
         path = request.path
-        check_writable(path)
+        check_output_folder(path)
         if path.exists() and not request.overwrite:
             check_output(path, request.layout.settings)
             stored = stored_settings(read_attributes(path))
@@ -198,7 +201,8 @@ class RunWriter:
         elif path.exists() and not request.overwrite:
             idle = cls._nothing_to_do(request)
             if idle is not None:
-                return idle
+                return idle  # writes nothing: its folder may be read-only
+        check_writable(path)
         try:
             return cls._locked(request, earlier)
         except (FileNotFoundError, OutputError) as error:
@@ -215,7 +219,9 @@ class RunWriter:
         try:
             folder.mkdir(exist_ok=True)
         except OSError as error:
-            raise OutputError(f"cannot write output {path}: {error.strerror or error}") from None
+            refused = refusal(path.parent, error.errno)
+            reason = f"{refused}; {WRITE_ELSEWHERE}" if refused else error.strerror or error
+            raise OutputError(f"cannot write output {path}: {reason}") from None
         if earlier is not None and abandoned(earlier, request.layout):
             # --overwrite with other settings: the unfinished run is thrown away.
             every = lock_shards(folder, path, earlier.shards, range(1, earlier.shards + 1))
