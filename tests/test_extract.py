@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import subprocess
 
 import h5py
 import keras
@@ -376,39 +373,3 @@ def test_an_output_that_is_not_a_vggfeat_file_is_left_alone(tmp_path):
         assert f"{tmp_path / name} is not a vggfeat file" in result.output
         assert sorted(os.listdir(tmp_path)) == ["notes.h5", "other.h5", "photos"]
     assert (tmp_path / "notes.h5").read_text() == "my notes"
-
-
-@pytest.mark.parametrize("compression", ["none", "gzip", "lzf"])
-def test_hdf5s_own_h5dump_reads_every_compression_offered(tmp_path, compression):
-    h5dump = shutil.which("h5dump")
-    if h5dump is None:
-        pytest.skip("h5dump is not installed here (Debian's hdf5-tools; .ci/run installs it)")
-    make_images(tmp_path / "photos", 3)
-    output = tmp_path / "f.h5"
-    extract([tmp_path / "photos"], output, layers=["conv1_1"], pool="avg", image_size=32,
-            weights="random", compression=compression)  # fmt: skip
-    raw = tmp_path / "values.txt"
-    done = subprocess.run(
-        [h5dump, "-d", "/features/conv1_1", "-m", "%.9g", "-y", "-w", "0", "-o", str(raw),
-         str(output)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    values = [float(v) for v in re.split(r"[,\s]+", raw.read_text().strip()) if v]
-    with h5py.File(output) as file:
-        dataset = file["features/conv1_1"]
-        expected = dataset[: int(file["committed"][0])]
-        assert dataset.compression == {"none": None}.get(compression, "gzip")
-        paths = file["paths"].asstr()[:].tolist()
-    assert np.array_equal(np.array(values, np.float32).reshape(expected.shape), expected)
-    # Paths print as they are: null-terminated, not padded with \000 to their width.
-    done = subprocess.run(
-        [h5dump, "-d", "/paths", "-y", "-w", "0", "-o", str(raw), str(output)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert (
-        re.findall(r'"([^"]*)"', raw.read_text())
-        == paths
-        == stored_paths(sorted((tmp_path / "photos").iterdir()), output)
-    )
