@@ -228,7 +228,7 @@ def test_show_refuses_other_files_in_one_line(tmp_path):
     )
 
 
-def test_progress_without_a_terminal_says_the_time_left(capsys, monkeypatch):
+def test_progress_without_a_terminal_says_the_time_left_once_it_is_measured(capsys, monkeypatch):
     from vggfeat.pipeline import Progress
     from vggfeat.terminal import ProgressView
 
@@ -236,12 +236,18 @@ def test_progress_without_a_terminal_says_the_time_left(capsys, monkeypatch):
 
     with ProgressView(quiet=False) as view:
         view.update(Progress(done=0, failed=0, total=1000, elapsed=0.0, already=256))
-        view.update(Progress(done=100, failed=2, total=1000, elapsed=20.0))
-        view.update(Progress(done=1000, failed=2, total=1000, elapsed=200.0))
+        # The first results after a minute of start-up (Ray's actors building their
+        # networks), then too little time to measure a rate over: no time left is said.
+        view.update(Progress(done=8, failed=0, total=1000, elapsed=60.0))
+        view.update(Progress(done=12, failed=0, total=1000, elapsed=61.0))
+        view.update(Progress(done=108, failed=2, total=1000, elapsed=80.0))
+        view.update(Progress(done=1000, failed=2, total=1000, elapsed=258.4))
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
         "256 images already done; 1,000 to do.",
-        "100/1,000 images, 5.0 images/s, 2 failed, 3 min left",  # 900 images at 5 a second
+        "8/1,000 images, 0.1 images/s, 0 failed",  # not "2 h 04 min left"
+        "12/1,000 images, 0.2 images/s, 0 failed",
+        "108/1,000 images, 5.0 images/s, 2 failed, 3 min left",  # 892 images at 5 a second
         "1,000/1,000 images, 5.0 images/s, 2 failed",
     ]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from tests.conftest import absolute_paths, descendants, save_safetensors, torchv
 from vggfeat import ray_engine
 from vggfeat.pipeline import extract
 from vggfeat.ray_engine import RayOptions
+from vggfeat.terminal import print_summary
 
 ray = pytest.importorskip("ray", reason="Ray comes with the 'test' extra")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -103,7 +105,7 @@ def wait_for_parts(process: subprocess.Popen, output: Path, count: int, limit: f
         time.sleep(0.05)
 
 
-def test_a_local_instance_writes_the_local_engines_file(photos, tmp_path, monkeypatch):
+def test_a_local_instance_writes_the_local_engines_file(photos, tmp_path, monkeypatch, capsys):
     images, _ = photos
     # Weights from PyTorch's world with batch norm: the actors receive any source.
     weights = save_safetensors(torchvision_state(16, True), tmp_path / "vgg16_bn.safetensors")
@@ -135,6 +137,23 @@ def test_a_local_instance_writes_the_local_engines_file(photos, tmp_path, monkey
     summary = extract([images], output, **options, engine=engine, batch_size=4, commit_every=8)
     assert not slow  # the slow commit happened
     assert (summary.engine, summary.computed, len(summary.failures)) == ("ray", 60, 4)
+    # The driver's time, in parts that add up to the wall time; the actors' networks, which
+    # compute side by side, apart from them.
+    print_summary(summary)
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Time:")]
+    found = re.fullmatch(
+        r"Time: ([\d.]+) s, [\d.]+ images/s after start-up \(start-up ([\d.]+) s, waiting for "
+        r"the cluster ([\d.]+) s, writing ([\d.]+) s; networks on the cluster ([\d.]+) s, "
+        r"summed over the actors\)\. File: [\d.]+ MB\.",
+        line,
+    )
+    assert found, line
+    total, startup, waiting, writing, networks = map(float, found.groups())
+    assert startup + waiting + writing <= total + 0.15, line  # each rounded to 0.1 s
+    assert startup > 0 and writing >= 3 and networks > 0, line  # the slow commit: writing
+    timings = summary.timings
+    assert (timings.network, timings.network_elsewhere is not None) == (0, True)
+    assert timings.startup + timings.waiting + timings.writing == pytest.approx(summary.seconds)
     assert sum(summary.rows_per_node.values()) == 60
     assert_same_file(output, tmp_path / "local.h5", rtol=1e-4)
     attributes = vggfeat.load(output).attributes

@@ -17,6 +17,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,16 +60,23 @@ class Progress:
 
 @dataclass(frozen=True)
 class Timings:
-    """Where a run's wall time went, in seconds."""
+    """Where a run's wall time went, in seconds: ``startup``, ``waiting``, ``network`` and
+    ``writing`` add up to it. An engine that computes elsewhere (Ray) is timed as this
+    process sees it: waiting for its results, and writing them."""
 
     startup: float
-    """Finding images, building the network, loading weights."""
+    """Finding images, building the network, loading weights; with an engine that computes
+    elsewhere, until its first results came (its networks are built meanwhile)."""
     waiting: float
-    """The network idle, waiting for images to be read and decoded."""
+    """The network idle, waiting for images to be read and decoded; with an engine that
+    computes elsewhere, waiting for its results (decoding and network both)."""
     network: float
-    """The network computing (tracing the function once included)."""
+    """The network computing in this process (tracing the function once included)."""
     writing: float
     """Committing rows, and writing the output at the end."""
+    network_elsewhere: float | None = None
+    """With an engine that computes elsewhere, its networks' computing time summed over
+    them: they compute side by side, so it may well exceed the wall time. None otherwise."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +195,7 @@ class _Run:
         self.first_batch = self.started
         self.total = self.already = self.computed = 0
         self.failures: list[Failure] = []
-        self.waiting = self.network = self.writing = 0.0
+        self.waiting = self.network = self.writing = self.network_elsewhere = 0.0
 
     def execute(self) -> Summary:
         weights, images = self._preflight()
@@ -303,7 +311,8 @@ class _Run:
             self._notice(*engine.start(job, self.total))
         self.first_batch = time.perf_counter()
         for work in writer.work:
-            writer.begin(work.index)
+            with self._writing():
+                writer.begin(work.index)
             if work.paths:
                 before = dict(engine.report().rows_per_node)
                 self._take(engine, writer, work.paths)
@@ -322,7 +331,17 @@ class _Run:
                     "device": report.computed_by,
                     "backend_version": report.backend_version,
                 }
-            writer.finish_shard(work.index, learnt)
+            with self._writing():
+                writer.finish_shard(work.index, learnt)
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The block's time counted as writing."""
+        begun = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.writing += time.perf_counter() - begun
 
     def _take(self, engine: Engine, writer: RunWriter, paths: list[str]) -> None:
         results = iter(engine.run(paths))
@@ -337,6 +356,7 @@ class _Run:
 
     def _take_each(self, engine: Engine, writer: RunWriter, results: Iterator[Result]) -> None:
         computes_here = engine.report().computes_here
+        first = True
         while True:
             raise_kept_stop()
             asked = time.perf_counter()
@@ -344,16 +364,24 @@ class _Run:
             if result is None:
                 return
             taken = time.perf_counter()
+            here = 0.0
             if isinstance(result, Failure):
                 self.failures.append(result)
                 writer.add_failures([result])
             else:
                 writer.append(result.sources, result.features)
                 self.computed += len(result.sources)
-                self.network += result.seconds
-            # The local engine computes while asked for the next result; that is not waiting.
-            here = result.seconds if computes_here and not isinstance(result, Failure) else 0
-            self.waiting += max(0.0, taken - asked - here)
+                if computes_here:
+                    # Computed while asked for the next result; that is not waiting.
+                    here = result.seconds
+                    self.network += here
+                else:
+                    self.network_elsewhere += result.seconds
+            if computes_here or not first:
+                self.waiting += max(0.0, taken - asked - here)
+            # else the wait for an engine's first results is its networks being built
+            # elsewhere: start-up, the wall time no other part takes.
+            first = False
             self.writing += time.perf_counter() - taken
             self._report()
 
@@ -424,7 +452,13 @@ class _Run:
             computed_by=report.computed_by if started else "",
             rows_per_node=dict(report.rows_per_node),
             seconds=seconds,
-            timings=Timings(max(0.0, seconds - busy), self.waiting, self.network, self.writing),
+            timings=Timings(
+                max(0.0, seconds - busy),
+                self.waiting,
+                self.network,
+                self.writing,
+                None if report.computes_here else self.network_elsewhere,
+            ),
             file_bytes=writer.path.stat().st_size if writer.path.exists() else 0,
             batch_size=report.batch_size,
             requested_batch_size=report.requested_batch_size,

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress as RichProgress
     from rich.progress import TaskID
 
-    from vggfeat.pipeline import Progress, Summary
+    from vggfeat.pipeline import Progress, Summary, Timings
     from vggfeat.search.progress import Step as SearchStep
 
 
@@ -91,7 +91,19 @@ class _View:
 
 
 class ProgressView(_View):
-    """Progress on stderr: a rich bar on a terminal, a line every few seconds elsewhere."""
+    """Progress on stderr: a rich bar on a terminal, a line every few seconds elsewhere.
+
+    The rate, and the time left from it, are measured from the first results on: the
+    start-up before them (with Ray, the actors building their networks) says nothing of
+    how fast the rest goes. No time is forecast before ``MEASURED_OVER`` seconds of it.
+    """
+
+    MEASURED_OVER = 5.0
+
+    def __init__(self, quiet: bool) -> None:
+        super().__init__(quiet)
+        self.first: tuple[float, int] | None = None
+        """``elapsed`` and ``done`` when the first results came."""
 
     def __enter__(self) -> ProgressView:
         if not self.quiet and self.console.is_terminal:
@@ -120,7 +132,12 @@ class ProgressView(_View):
                     highlight=False,
                 )
             return
-        rate = progress.done / progress.elapsed if progress.elapsed > 0 else 0.0
+        if self.first is None:
+            self.first = (progress.elapsed, progress.done)
+            self.last_line = time.monotonic()  # the first line once there is a rate to show
+        measured = self._measured(progress, *self.first)
+        average = progress.done / progress.elapsed if progress.elapsed > 0 else 0.0
+        rate = average if measured is None else measured
         if self.bar is not None and self.task is not None:
             self.bar.update(
                 self.task,
@@ -134,12 +151,20 @@ class ProgressView(_View):
         now = time.monotonic()
         if now - self.last_line >= self.PLAIN_EVERY or progress.done == progress.total:
             self.last_line = now
-            left = (progress.total - progress.done) / rate if rate > 0 else None
+            left = (progress.total - progress.done) / measured if measured else None
             self.console.print(
                 f"{progress.done:,}/{progress.total:,} images, {rate:.1f} images/s, "
                 f"{progress.failed:,} failed" + (f", {_duration(left)} left" if left else ""),
                 highlight=False,
             )
+
+    def _measured(self, progress: Progress, began: float, done: int) -> float | None:
+        """Images a second since ``began`` (``elapsed`` when ``done`` were done); None until
+        that is ``MEASURED_OVER`` seconds long."""
+        seconds = progress.elapsed - began
+        if seconds < self.MEASURED_OVER or seconds <= 0:
+            return None
+        return (progress.done - done) / seconds
 
 
 class StepView(_View):
@@ -217,15 +242,28 @@ def print_summary(summary: Summary) -> None:
         out.print(f"  failed: {printable(path)}: {printable(failure.reason)}")
     if len(summary.failures) > 5:
         out.print(f"  ... and {len(summary.failures) - 5:,} more, listed in /failed.")
-    timings = summary.timings
     out.print(
         f"Time: {summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s after start-up "
-        f"(start-up {timings.startup:.1f} s, waiting for images {timings.waiting:.1f} s, "
-        f"network {timings.network:.1f} s, writing {timings.writing:.1f} s)."
+        f"({_time_split(summary.timings)})."
         + (f" File: {summary.file_bytes / 1e6:,.1f} MB." if summary.assembled else "")
     )
     if summary.computed_by:
         out.print(f"Computed by: {summary.computed_by}.")
+
+
+def _time_split(timings: Timings) -> str:
+    """Where the wall time went, in parts that add up to it; the networks of an engine that
+    computes elsewhere (Ray), side by side, after them: their sum is no part of the wall."""
+    if timings.network_elsewhere is None:
+        return (
+            f"start-up {timings.startup:.1f} s, waiting for images {timings.waiting:.1f} s, "
+            f"network {timings.network:.1f} s, writing {timings.writing:.1f} s"
+        )
+    return (
+        f"start-up {timings.startup:.1f} s, waiting for the cluster {timings.waiting:.1f} s, "
+        f"writing {timings.writing:.1f} s; networks on the cluster "
+        f"{timings.network_elsewhere:.1f} s, summed over the actors"
+    )
 
 
 def _nothing_new(summary: Summary) -> bool:
