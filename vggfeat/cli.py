@@ -307,7 +307,7 @@ def _pytorch_weights(architecture: Architecture) -> list[dict[str, Any]]:
             "layout": "torchvision",
             "path": None,
             "cached": False,
-            "use": "a pickle: convert it to safetensors with torch (docs/weights.md), "
+            "use": "a pickle: convert it to safetensors with torch (docs/manual/weights.md), "
             "then --weights PATH",
         },
     ]
@@ -691,9 +691,10 @@ def devices(as_json: bool) -> None:
     "--weights",
     default="imagenet",
     show_default=True,
-    metavar="imagenet|random|PATH",
-    help="Keras's ImageNet weights (cached by Keras), seeded random ones, or a file: Keras's "
-    ".h5/.weights.h5, or torchvision's or timm's layout as .safetensors.",
+    metavar="imagenet|timm|random|PATH",
+    help="Keras's ImageNet weights, timm's copy of torchvision's (both downloaded once into "
+    "Keras's cache), seeded random ones, or a file: Keras's .h5/.weights.h5, or torchvision's "
+    "or timm's layout as .safetensors.",
 )
 @click.option(
     "--preprocessing",
