@@ -445,14 +445,6 @@ def test_rows_without_a_direction_are_left_out_and_named(tmp_path):
     )
 
 
-def test_the_manuals_python_example_runs(tmp_path, monkeypatch):
-    manual = (ROOT / "docs" / "search.md").read_text()
-    example = manual.split("```python\n")[1].split("```")[0]
-    write_features(tmp_path / "features.h5", named(40), clustered(40, 8, 4, spread=0.5))
-    monkeypatch.chdir(tmp_path)
-    exec(compile(example, "docs/search.md", "exec"), {})
-
-
 def test_a_terminated_search_says_so_and_leaves_no_sheet_behind(tmp_path):
     # An exact search of 60,000 rows of 512: 1.8e12 multiply-adds, seconds on any CPU.
     rows = clustered(60_000, 512, 200, spread=0.8, seed=8)
