@@ -20,6 +20,26 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+#: The test files that take longest, started first so that neither worker is left with
+#: one of them at the end while the other idles (the manual's pages come next).
+LONGEST_FIRST = ["test_reliability.py", "test_ray.py", "test_examples.py"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """One worker takes a test file whole, except the manual's pages, which any worker takes.
+
+    A file's tests share their module's fixtures and never race each other (the
+    ``loadgroup`` of pyproject.toml, with a file a group); each page of examples in
+    test_examples.py is a run of its own, minutes of them in all, so they spread.
+    """
+    for item in items:
+        file, _, _ = item.nodeid.partition("::")
+        spreads = item.name.startswith("test_every_example_on_the_page_prints_what_it_shows")
+        item.add_marker(pytest.mark.xdist_group(item.nodeid if spreads else file))
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def stored_paths(paths, output) -> list[str]:
     """Paths as a file at ``output`` stores them: relative to its folder (all tests stay inside)."""
     return [os.path.relpath(path, Path(output).parent) for path in paths]
