@@ -141,11 +141,18 @@ def clean_run(tmp_path_factory):
 STOPS = [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -signal.SIGKILL)]
 
 
+#: Rounds of the random interruptions: 16 in the suite (about a minute and a half on two
+#: cores); VGGFEAT_TEST_INTERRUPTIONS=200 soaks the store by hand for an hour or so.
+ROUNDS = int(os.environ.get("VGGFEAT_TEST_INTERRUPTIONS", "16"))
+
+
 def test_random_interruptions_lose_nothing_and_double_nothing(tmp_path):
-    """25 runs, some as two shards at once, each stopped by SIGINT, SIGTERM or kill -9 at a
-    random moment, committing every 1 or 2 images; photos are added half way, so that
-    later runs append to a finished file in place. Then one plain run: the file is what
-    one undisturbed run over the photos writes, and no run said a part was damaged.
+    """ROUNDS runs, the first third sometimes as two shards at once, each stopped by SIGINT,
+    SIGTERM or kill -9 at a random moment, committing every 1 or 2 images; photos are
+    added half way, so that later runs append to a finished file in place. Then one plain
+    run (two where it says the added photos came while a sharded run was unfinished):
+    the file is what one undisturbed run over the photos writes, and no run said a part
+    was damaged.
 
     A moment is a random time into start-up, or a random instant once 1-3 more parts
     are committed. (The first 0.1 s are the interpreter's own: a signal then ends Python
@@ -154,10 +161,12 @@ def test_random_interruptions_lose_nothing_and_double_nothing(tmp_path):
     output = tmp_path / "stopped.h5"
     rng = np.random.default_rng(15)
     seen = []
-    for round_ in range(25):
-        if round_ == 12:
+    for round_ in range(ROUNDS):
+        if round_ == ROUNDS // 2:
             make_photos(tmp_path / "more", 12).rename(photos / "zz-added")
-        shards = [f"{k}/2" for k in (1, 2)] if round_ < 8 and rng.random() < 0.6 else [None]
+        shards = (
+            [f"{k}/2" for k in (1, 2)] if round_ < ROUNDS // 3 and rng.random() < 0.6 else [None]
+        )
         every = str(int(rng.integers(1, 3)))
         runs = [
             start(photos, output, "--commit-every", every, *(["--shard", s] if s else []))
@@ -174,11 +183,16 @@ def test_random_interruptions_lose_nothing_and_double_nothing(tmp_path):
                 assert stderr.startswith("Stopped."), stderr
     result = finish(photos, output)
     assert result.returncode == 0, result.stderr
+    if "found that the unfinished run did not list" in result.stderr:
+        # The added photos came while a sharded run was unfinished: the run that finishes
+        # it writes what it listed, and says that the same command again adds the rest.
+        result = finish(photos, output)
+        assert result.returncode == 0, result.stderr
     reference = tmp_path / "reference.h5"
     assert finish(photos, reference).returncode == 0
     assert_same_result(output, reference)
     assert not output.with_name(output.name + ".parts").exists()
-    assert sum(1 for code in seen if code) >= 12, seen  # most runs really were stopped
+    assert sum(1 for code in seen if code) >= ROUNDS // 2, seen  # most were really stopped
 
 
 def test_a_ctrl_c_in_generated_code_still_exits_130_not_by_the_signal(tmp_path):
