@@ -93,6 +93,25 @@ def test_usage_errors():
     )
 
 
+def test_clicks_own_usage_errors_are_one_line_naming_the_help():
+    # Click would print the usage, a hint and a blank line around the error.
+    cases = {
+        ("extract", "photos", "--seed", "abc"): (
+            "Error: Invalid value for '--seed': 'abc' is not a valid integer; "
+            "see 'vggfeat extract --help'"
+        ),
+        ("export",): "Error: Missing argument 'FILE'; see 'vggfeat export --help'",
+        ("frobnicate",): "Error: No such command 'frobnicate'; see 'vggfeat --help'",
+        ("--bogus",): "Error: No such option '--bogus'; see 'vggfeat --help'",
+        ("show", "a.h5", "b.h5"): (
+            "Error: Got unexpected extra argument (b.h5); see 'vggfeat show --help'"
+        ),
+    }
+    for args, line in cases.items():
+        result = CliRunner().invoke(cli, list(args), prog_name="vggfeat")
+        assert (result.exit_code, result.stderr) == (2, line + "\n"), args
+
+
 def test_help_version_and_short_help():
     assert invoke("-h").output == invoke("--help").output
     assert "vggfeat info --depth 19" in invoke("--help").output

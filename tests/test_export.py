@@ -273,6 +273,10 @@ def test_refusals_are_one_line_with_exit_2(flat, tmp_path):
         ("--layer", "conv1_1", "--format", "npy", "-o", str(tmp_path / "c.csv")): (
             "--format npy, but -o " + str(tmp_path / "c.csv") + " is named as csv"
         ),
+        # .txt is any text, not binary.
+        ("--layer", "conv1_1", "--format", "npy", "-o", str(tmp_path / "c.txt")): (
+            "--format npy, but -o " + str(tmp_path / "c.txt") + " is named as tsv"
+        ),
     }
     for args, message in cases.items():
         result = run(str(flat), *args)
@@ -284,6 +288,10 @@ def test_refusals_are_one_line_with_exit_2(flat, tmp_path):
     other = tmp_path / "other.h5"
     h5py.File(other, "w").close()
     assert run(str(other), "--format", "npy").exit_code == 1
+    gone = run(str(tmp_path / "gone.h5"))  # said before any want of --format
+    assert (gone.exit_code, gone.stderr) == (1, f"Error: {tmp_path / 'gone.h5'} does not exist\n")
+    text = run(str(flat), "--layer", "conv1_1", "--format", "csv", "-o", str(tmp_path / "c.txt"))
+    assert text.exit_code == 0 and (tmp_path / "c.txt").read_text().startswith("path,")
 
 
 def test_an_interrupted_export_leaves_no_file(flat, tmp_path, monkeypatch):

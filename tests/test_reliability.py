@@ -436,6 +436,9 @@ def test_a_write_refused_part_way_names_its_cause(tmp_path):
             f"cannot write {target}: {cause}; {kept}: run the same command again once it can "
             "be written"
         )
+    # A folder given relative to here is named in full: "." says nothing.
+    error = write_error(PermissionError(errno.EACCES, "no"), Path("part.npz"), Path("x"), kept)
+    assert f"no permission to write in {Path.cwd()};" in str(error)
 
 
 #: Runs the command line as ``vggfeat`` does, then says whether TensorFlow was imported.

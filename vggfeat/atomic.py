@@ -114,9 +114,10 @@ def refusal(folder: Path, code: int | None) -> str | None:
     error. A read-only mount refuses even root, whom permission bits do not stop."""
     if code not in (errno.EROFS, errno.EACCES, errno.EPERM):
         return None
+    where = os.path.abspath(folder)  # "." says nothing in a message
     if code == errno.EROFS or read_only(folder):
-        return f"{folder} is on a read-only file system"
-    return f"no permission to write in {folder}"
+        return f"{where} is on a read-only file system"
+    return f"no permission to write in {where}"
 
 
 def read_only(path: Path) -> bool:

@@ -113,8 +113,8 @@ class _BadOption(click.ClickException):
 
 
 class _Commands(click.Group):
-    """Shows a ``VggfeatError`` from any command as one line on stderr: exit 2 for a bad
-    option value, 1 for anything else."""
+    """Shows a ``VggfeatError`` from any command, and Click's own usage errors, as one line
+    on stderr: exit 2 for a bad option value or usage, 1 for anything else."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         # --help and --version print here, before any command runs.
@@ -125,6 +125,8 @@ class _Commands(click.Group):
             raise click.exceptions.Exit(ExitCode.OK) from None
         except KeyboardInterrupt:
             raise _stopped() from None
+        except click.UsageError as error:
+            raise _one_line(error) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -134,10 +136,20 @@ class _Commands(click.Group):
             ctx.exit(ExitCode.OK)
         except KeyboardInterrupt:
             raise _stopped() from None
+        except click.UsageError as error:
+            raise _one_line(error) from None
         except OptionError as error:
             raise _BadOption(_with_notes(error)) from error
         except VggfeatError as error:
             raise click.ClickException(_with_notes(error)) from error
+
+
+def _one_line(error: click.UsageError) -> _BadOption:
+    """Click's usage error (an unknown option or command, a value of the wrong kind, a
+    missing input) as the one line every other refusal is, with where to read more;
+    Click itself would print the usage and a hint around it."""
+    command = error.ctx.command_path if error.ctx is not None else "vggfeat"
+    return _BadOption(f"{error.format_message().rstrip('.')}; see '{command} --help'")
 
 
 def _stopped() -> click.exceptions.Exit:
@@ -572,10 +584,13 @@ def export(
     from vggfeat.export import format_of, is_binary
 
     to_stdout = output == "-"
+    if not os.path.lexists(file):
+        raise click.ClickException(f"{terminal.printable(file)} does not exist")
     if to_stdout and sys.stdout is None:
         raise click.ClickException("standard output is closed: give -o FILE")
     implied = None if to_stdout else format_of(output)
-    if format_ and implied and implied != format_ and not output.lower().endswith(".txt"):
+    any_text = output.lower().endswith(".txt") and format_ is not None and not is_binary(format_)
+    if format_ and implied and implied != format_ and not any_text:
         raise _BadOption(
             f"--format {format_}, but -o {terminal.printable(output)} is named as {implied}: "
             f"name the file for {format_}, or give --format {implied}"
@@ -973,7 +988,10 @@ def result_options(command: Decorated) -> Decorated:
             help="Queries, groups or clusters the sheet shows at most (all go to stdout).",
         ),
         click.option(
-            "--verbose", is_flag=True, help="Also say how the search was done, and its recall."
+            "--verbose",
+            is_flag=True,
+            help="Also say how the results were found: a search's index, probes and recall; "
+            "k-means' iterations and inertia.",
         ),
         click.option("-q", "--quiet", is_flag=True, help="No progress and no summary."),
     ]
