@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from enum import IntEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -584,7 +585,10 @@ def export(
     from vggfeat.export import format_of, is_binary
 
     to_stdout = output == "-"
-    if not os.path.lexists(file):
+    from vggfeat.store.identity import parts_folder
+
+    if not os.path.lexists(file) and not parts_folder(Path(file)).is_dir():
+        # (An unfinished run's rows are exported before its file exists.)
         raise click.ClickException(f"{terminal.printable(file)} does not exist")
     if to_stdout and sys.stdout is None:
         raise click.ClickException("standard output is closed: give -o FILE")
