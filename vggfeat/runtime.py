@@ -155,7 +155,7 @@ def _quiet() -> Iterator[None]:
     raised in a finaliser there is printed (to the muted stderr) and lost."""
     level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
     quiet = level is None or level.strip() not in ("0", "1")
-    with signals_deferred(), muted_stderr(enabled=quiet), _bound_lazily():
+    with signals_deferred(), muted_stderr(enabled=quiet):
         if level is None:
             os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
         try:
@@ -164,20 +164,6 @@ def _quiet() -> Iterator[None]:
             if level is None:
                 # Child processes (a user's subprocess, say) start with the user's setting.
                 del os.environ["TF_CPP_MIN_LOG_LEVEL"]
-
-
-@contextmanager
-def _bound_lazily() -> Iterator[None]:
-    """Shared libraries opened meanwhile resolve each symbol when it is first called, not
-    all as they load. Python binds extension modules at once (RTLD_NOW) to report a missing
-    symbol early; TensorFlow's libraries hold so many that binding them took 4 of the 9 s
-    its import took on a 2-core machine, at every start."""
-    flags = sys.getdlopenflags()
-    sys.setdlopenflags(flags & ~os.RTLD_NOW | os.RTLD_LAZY)
-    try:
-        yield
-    finally:
-        sys.setdlopenflags(flags)
 
 
 def tensorflow() -> ModuleType:
