@@ -361,14 +361,18 @@ def _check_refused_as_nobody(private: Path) -> None:
         f"no permission to write in {private}; write the output elsewhere with -o"
     )
     features = write_features(private.parent / "f.h5", ["a.png"], np.ones((1, 4), np.float32))
-    for args, refused in _writes_in(private, features):
+    _each_write_refused(drop, private, features, f"no permission to write in {private}")
+
+
+def _each_write_refused(prefix: list[str], folder: Path, features: Path, why: str) -> None:
+    """Run, under ``prefix``, each command of ``_writes_in`` and check it is refused, exit 1,
+    in its one line giving ``why``."""
+    for args, refused in _writes_in(folder, features):
         result = subprocess.run(
-            [*drop, sys.executable, "-m", "vggfeat", *args], cwd=ROOT, capture_output=True,
+            [*prefix, sys.executable, "-m", "vggfeat", *args], cwd=ROOT, capture_output=True,
             text=True, timeout=300,
         )  # fmt: skip
-        assert (result.returncode, result.stderr.strip()) == (
-            1, refused(f"no permission to write in {private}")
-        ), args  # fmt: skip
+        assert (result.returncode, result.stderr.strip()) == (1, refused(why)), args
 
 
 def _writes_in(folder: Path, features: Path) -> list[tuple[list[str], Callable[[str], str]]]:
@@ -419,14 +423,7 @@ def test_a_read_only_mount_is_said_so_and_a_finished_file_there_has_nothing_new(
         f"Error: cannot write output {tmp_path}/new.h5: {tmp_path} is on a read-only file "
         "system; write the output elsewhere with -o"
     )
-    for args, refused in _writes_in(tmp_path, output):
-        result = subprocess.run(
-            [*mounted, sys.executable, "-m", "vggfeat", *args], cwd=ROOT, capture_output=True,
-            text=True, timeout=300,
-        )  # fmt: skip
-        assert (result.returncode, result.stderr.strip()) == (
-            1, refused(f"{tmp_path} is on a read-only file system")
-        ), args  # fmt: skip
+    _each_write_refused(mounted, tmp_path, output, f"{tmp_path} is on a read-only file system")
     assert (sorted(os.listdir(tmp_path)), output.read_bytes()) == before
 
 

@@ -583,10 +583,9 @@ def export(
     """
     from vggfeat.export import export as run_export
     from vggfeat.export import format_of, is_binary
-
-    to_stdout = output == "-"
     from vggfeat.store.identity import parts_folder
 
+    to_stdout = output == "-"
     if not os.path.lexists(file) and not parts_folder(Path(file)).is_dir():
         # (An unfinished run's rows are exported before its file exists.)
         raise click.ClickException(f"{terminal.printable(file)} does not exist")

@@ -162,7 +162,7 @@ class ProgressView(_View):
         """Images a second since ``began`` (``elapsed`` when ``done`` were done); None until
         that is ``MEASURED_OVER`` seconds long."""
         seconds = progress.elapsed - began
-        if seconds < self.MEASURED_OVER or seconds <= 0:
+        if seconds < self.MEASURED_OVER:
             return None
         return (progress.done - done) / seconds
 
